@@ -1,0 +1,287 @@
+"""Experiment configuration: YAML -> typed dataclasses, `--set` overrides, validation.
+
+A YAML file fully determines a run (defaults live here, once). Unknown or
+mistyped keys are errors that name the key and list the valid ones. The config
+that ran is saved into the run folder by the training script.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+"""The repository root; relative paths in configs are resolved against it."""
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix, with the offending key in the message."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/phantom"
+    """BraTS-layout folder: <root>/<ID>/<ID>_{t1,t1ce,t2,flair,seg}.nii.gz."""
+    lists: str | None = None
+    """Folder with train.csv/valid.csv/test.csv; defaults to `root`."""
+    missing: bool = True
+    """Training subjects keep only the neighbouring pair chosen by n mod 3 (METHOD.md)."""
+    n_slices: int = 128
+    """Central axial slices used per volume."""
+    crop: int = 192
+    """Training random crop and valid/test centre crop (pixels)."""
+    percentile: float = 99.0
+    """Normalisation: clip to [0, 2 x this percentile], map to [-1, 1]."""
+    slices_per_subject: int = 1
+    """Training pairs drawn per subject per epoch (an epoch = this x subjects pairs)."""
+    augment: bool = True
+    """Intensity augmentation of the inputs (METHOD.md, step 1)."""
+    flip: bool = True
+    """Random left-right flip in training."""
+    cache_dir: str = "outputs/cache"
+    """Preprocessed slice cache (float16 memory maps)."""
+    num_workers: int = -1
+    """DataLoader workers; -1 = sized to the machine."""
+
+
+@dataclass
+class ModelConfig:
+    quantize: bool = True
+    """False gives the Seq2Seq ablation: no quantizer."""
+    base_channels: int = 64
+    n_down: int = 2
+    n_res: int = 6
+    embed_dim: int = 3
+    """D: codebook vector size."""
+    n_embed: int = 256
+    """K: codebook size."""
+    beta: float = 0.25
+    legacy_beta: bool = True
+    """True: beta weights the codebook term ||z_q - sg[z_e]||^2 (the reference's form)."""
+    code_dim: int = 64
+    """c_s: length of the target-sequence code."""
+    n_kernels: int = 16
+    """c_w: kernels in each hyper-conv bank."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1000
+    max_steps: int = 1_000_000
+    batch_size: int = 1
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    lr_power: float = 0.9
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.05
+    pretrain_epochs_contrast: int = 100
+    """Contrastive term joins the consistency loss from this epoch."""
+    pretrain_epochs_rand: int = 200
+    """VQC sampling and domain augmentation start at this epoch."""
+    consistency: bool = True
+    sampling: bool = True
+    domain_aug: bool = True
+    lambda_l1: float = 10.0
+    lambda_ssim: float = 1.0
+    lambda_per: float = 0.1
+    lambda_vq: float = 10.0
+    lambda_con: float = 10.0
+    temperature: float = 0.07
+    contrast_keep: float = 0.125
+    """Share of foreground positions (lowest density) used by the contrastive term."""
+    vgg_weights: str | None = None
+    """Local VGG19 ImageNet weights file; None = torchvision's cache."""
+    amp: str = "auto"
+    """Mixed precision: auto (bf16 on CPU/CUDA), bf16, fp16 (CUDA), none."""
+    channels_last: bool = False
+    compile: bool = False
+    val_slices: int = 16
+    """Central slices per volume used by validation."""
+    val_every: int = 1
+    """Validate every this many epochs."""
+    log_every: int = 10
+    """Steps between log.csv / TensorBoard rows."""
+    ckpt_every_steps: int = 0
+    """Also save ckpt_last.pth every this many steps (0 = once per epoch)."""
+
+
+@dataclass
+class TestConfig:
+    batch_size: int = 16
+    """Slices per inference batch."""
+    lpips_weights: str | None = None
+    """Local AlexNet ImageNet weights for LPIPS; None = torchvision's cache."""
+    multi_step: list[list[str]] = field(default_factory=lambda: [
+        ["t1", "t1ce", "t2"], ["t1", "t1ce", "t2", "flair"]])
+    """Multi-step translation paths evaluated beside the single-step rows."""
+    save_nifti: bool = True
+
+
+@dataclass
+class Config:
+    name: str = "vqseq2seq"
+    out_dir: str = "outputs/ckpt/vqseq2seq/brats/2d"
+    """The run folder: config copy, logs, images, checkpoints."""
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+
+    @property
+    def lists_dir(self) -> Path:
+        return resolve_path(self.data.lists or self.data.root)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A config path: absolute, `~`-expanded, or relative to the repository root."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def _keys(cls, prefix: str = "") -> list[str]:
+    out = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            out += _keys(hint, f"{prefix}{f.name}.")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def valid_keys() -> list[str]:
+    return _keys(Config)
+
+
+def _coerce(value, hint, key: str):
+    """Check/convert one value against its type hint; raise ConfigError naming the key."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: None is not allowed")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def _build(cls, raw: dict, prefix: str = ""):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!r}; valid keys: "
+                          + ", ".join(k for k in valid_keys() if k.startswith(prefix)))
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, prefix + name)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    checks = [
+        (cfg.train.amp in ("auto", "bf16", "fp16", "none"), "train.amp must be auto, bf16, fp16 or none"),
+        (cfg.data.crop % (2 ** cfg.model.n_down) == 0, "data.crop must be divisible by 2**model.n_down"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.data.n_slices >= 1, "data.n_slices must be >= 1"),
+        (0 < cfg.train.contrast_keep <= 1, "train.contrast_keep must be in (0, 1]"),
+        (len(cfg.train.betas) == 2, "train.betas must have two values"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """`--set a.b=value` items -> nested dict; values parsed as YAML scalars."""
+    nested: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.epochs=10")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key not in valid_keys():
+            raise ConfigError(f"--set: unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(text) if text.strip() else None
+    return nested
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Load a YAML config (or only defaults when `path` is None) and apply overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    over = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    cfg = _build(Config, _merge(raw, over))
+    _validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,88 @@
+"""Reading and writing volumes with their geometry (affine and header kept).
+
+Axial slices are taken along the last array axis of a volume in closest-canonical
+(RAS+) orientation, which is how BraTS files are stored. Volumes in any other
+orientation are brought there on reading and sent back on writing, so that a
+prediction overlays its source in any viewer.
+"""
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+class NiftiError(ValueError):
+    """A file that is missing, unreadable or unusable, named in the message."""
+
+
+@dataclass
+class Volume:
+    """A volume as float32 array in RAS+ orientation plus what it takes to write back."""
+
+    data: np.ndarray  # (X, Y, Z) float32, axial slices along Z
+    image: nib.Nifti1Image  # the file's own image: affine, header, orientation
+    path: Path
+
+    @property
+    def affine(self) -> np.ndarray:
+        return self.image.affine
+
+
+def load_volume(path: str | Path, *, dtype=np.float32) -> Volume:
+    """Load a 3D NIfTI file, check it is finite and non-empty, reorient to RAS+.
+
+    Raises NiftiError naming the file for anything a user can fix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise NiftiError(f"{path}: file not found")
+    try:
+        image = nib.load(str(path))
+        data = np.asarray(image.dataobj, dtype=dtype)
+    except (nib.filebasedimages.ImageFileError, EOFError, OSError, zlib.error,
+            gzip.BadGzipFile, ValueError) as err:
+        raise NiftiError(f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})") from None
+    data = np.squeeze(data)
+    if data.ndim != 3:
+        raise NiftiError(f"{path}: expected a 3D volume, got shape {data.shape}")
+    if not np.isfinite(data).all():
+        raise NiftiError(f"{path}: volume contains NaN or Inf values")
+    if not data.any():
+        raise NiftiError(f"{path}: volume is all zeros")
+    ornt = _to_ras(image)
+    data = nib.orientations.apply_orientation(data, ornt)
+    return Volume(np.ascontiguousarray(data, dtype=dtype), image, path)
+
+
+def _to_ras(image: nib.Nifti1Image) -> np.ndarray:
+    """Orientation transform from the image's voxel axes to RAS+."""
+    src = nib.orientations.io_orientation(image.affine)
+    return nib.orientations.ornt_transform(src, nib.orientations.axcodes2ornt("RAS"))
+
+
+def save_like(data: np.ndarray, like: Volume | nib.Nifti1Image, path: str | Path, *,
+              dtype=np.float32) -> Path:
+    """Write `data` (RAS+ array, same shape as `like.data`) in `like`'s own geometry.
+
+    The result has the source file's affine, header and voxel order, so it
+    overlays the source in any viewer.
+    """
+    image = like.image if isinstance(like, Volume) else like
+    ornt = nib.orientations.ornt_transform(
+        nib.orientations.axcodes2ornt("RAS"), nib.orientations.io_orientation(image.affine))
+    back = nib.orientations.apply_orientation(np.asarray(data), ornt).astype(dtype)
+    if back.shape != image.shape[:3]:
+        raise ValueError(f"data shape {back.shape} does not match {image.shape[:3]} of the reference image")
+    header = image.header.copy()
+    header.set_data_dtype(dtype)
+    out = nib.Nifti1Image(back, image.affine, header)
+    out.header.set_slope_inter(1.0, 0.0)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(out, str(path))
+    return path

@@ -1,0 +1,66 @@
+"""The MRI sequences, their order, and the availability codes of the data lists.
+
+One home for every fact about sequence names (METHOD.md, "Sequence index order
+everywhere"), the 4-bit availability codes 1..14 of the valid/test lists, and
+the "missing" pairing of training subjects (n mod 3).
+"""
+from __future__ import annotations
+
+SEQUENCES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+"""Sequence names in index order: 0 = t1, 1 = t1ce (T1Gd), 2 = t2, 3 = flair."""
+
+DISPLAY_NAMES: dict[str, str] = {"t1": "T1", "t1ce": "T1Gd", "t2": "T2", "flair": "FLAIR"}
+SEG = "seg"
+"""BraTS label file suffix: 1 necrosis, 2 oedema, 4 enhancing tumour."""
+
+N_SEQ = len(SEQUENCES)
+CODES = range(1, 2**N_SEQ - 1)
+"""Valid availability codes: at least one sequence present and at least one missing."""
+
+# Training "missing" setting: each subject keeps two neighbouring sequences (METHOD.md).
+TRAIN_PAIRS: tuple[tuple[int, int], ...] = ((0, 1), (1, 2), (2, 3))
+
+
+def seq_index(name: str | int) -> int:
+    """Index of a sequence given by name (case-insensitive, 'T1Gd' accepted) or index."""
+    if isinstance(name, int):
+        if not 0 <= name < N_SEQ:
+            raise ValueError(f"sequence index {name} out of range 0..{N_SEQ - 1}")
+        return name
+    key = name.strip().lower()
+    key = {"t1gd": "t1ce", "t1c": "t1ce"}.get(key, key)
+    if key not in SEQUENCES:
+        raise ValueError(f"unknown sequence {name!r}; expected one of {', '.join(SEQUENCES)}")
+    return SEQUENCES.index(key)
+
+
+def available(code: int) -> list[int]:
+    """Sequence indices available under a 4-bit code (t1 t1ce t2 flair, most significant first).
+
+    >>> available(0b1010)
+    [0, 2]
+    """
+    if code not in CODES:
+        raise ValueError(f"availability code {code} not in 1..{CODES[-1]}")
+    return [i for i in range(N_SEQ) if code >> (N_SEQ - 1 - i) & 1]
+
+
+def missing(code: int) -> list[int]:
+    """Sequence indices missing under a 4-bit availability code."""
+    have = set(available(code))
+    return [i for i in range(N_SEQ) if i not in have]
+
+
+def code_of(indices) -> int:
+    """Inverse of `available`: the 4-bit code of a set of sequence indices."""
+    return sum(1 << (N_SEQ - 1 - i) for i in set(indices))
+
+
+def train_pair(code: int) -> tuple[int, int]:
+    """The two neighbouring sequences a training subject keeps in the "missing" setting (n mod 3)."""
+    return TRAIN_PAIRS[code % 3]
+
+
+def path_name(path) -> str:
+    """A multi-step path like (0, 1, 2) written as in result CSVs: '0>1>2'."""
+    return ">".join(str(i) for i in path)
