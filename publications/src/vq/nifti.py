@@ -86,3 +86,17 @@ def save_like(data: np.ndarray, like: Volume | nib.Nifti1Image, path: str | Path
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(out, str(path))
     return path
+
+
+def ras_shape(image: nib.Nifti1Image) -> tuple[int, int, int]:
+    """Shape of the image's array once reoriented to RAS+ (as `load_volume` returns it)."""
+    ornt = _to_ras(image)
+    return tuple(int(image.shape[int(ax)]) for ax in ornt[:, 0].argsort())
+
+
+def to_intensity(data: np.ndarray) -> np.ndarray:
+    """Model output in [-1, 1] -> written intensities in [0, 1] (background 0).
+
+    1 corresponds to the normalisation's clip point (2 x the 99th percentile).
+    """
+    return np.clip((np.asarray(data, dtype=np.float32) + 1) / 2, 0, 1)

@@ -1,1 +1,7 @@
+"""The VQ-Seq2Seq network: encoder, vector quantizer, hyper-conv decoder (METHOD.md, "Model")."""
+from .hyperconv import HyperConv2d
+from .quantizer import QuantizerOutput, VectorQuantizer
+from .vq_seq2seq import Decoder, Encoded, Encoder, VQSeq2Seq, build_model
 
+__all__ = ["VQSeq2Seq", "VectorQuantizer", "HyperConv2d", "build_model",
+           "Encoder", "Decoder", "Encoded", "QuantizerOutput"]

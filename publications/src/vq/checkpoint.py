@@ -1,0 +1,67 @@
+"""Checkpoints: written atomically, loaded without pickle code execution, checked against the config."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or does not fit the model of the config."""
+
+
+def save_checkpoint(state: dict, path: str | Path) -> Path:
+    """Write to a temporary file in the same folder, then rename: a kill never leaves a truncated file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint with weights_only=True: a checkpoint file cannot run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt/unsafe files
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    if isinstance(state, dict) and "model" not in state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        state = {"model": state}  # a bare state_dict
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"checkpoint {path} holds no model weights")
+    return state
+
+
+def load_model_weights(model: nn.Module, state: dict, path: str | Path = "checkpoint") -> None:
+    """Load weights strictly; on mismatch name the first differing keys/shapes."""
+    weights = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state["model"].items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}"
+              for k, v in own.items() if k in weights and weights[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}")
+        if shapes:
+            parts.append(f"shape {'; '.join(shapes[:3])}")
+        raise CheckpointError(f"checkpoint {path} does not match the model of this config ({'; '.join(parts)}); "
+                              "use the config the checkpoint was trained with")
+    model.load_state_dict(weights)

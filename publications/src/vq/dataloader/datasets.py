@@ -1,0 +1,111 @@
+"""Training pairs, the training loader and the validation/test stacks (METHOD.md, "Data protocol").
+
+Training items are clean images: the intensity augmentation runs batched on the
+device in the training step (`vq.dataloader.augment`), and the losses need the
+clean images anyway.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+
+from vq.config import Config, DataConfig
+from vq.dataloader.brats import SliceCache, available_cpus
+from vq.dataloader.preprocess import center_crop_2d, central_slices, pad_or_crop
+from vq.dataloader.sampler import EpochSampler
+from vq.sequences import N_SEQ, available, missing, train_pair
+
+log = logging.getLogger(__name__)
+
+
+def train_sequences(code: int, missing_setting: bool) -> tuple[int, ...]:
+    """Sequences a training subject contributes: its n mod 3 neighbouring pair ("missing"), else all four."""
+    return train_pair(code) if missing_setting else tuple(range(N_SEQ))
+
+
+class PairDataset(Dataset):
+    """(source, target) slices of one training subject, cropped and flipped alike.
+
+    Items are indexed by the keys of `EpochSampler` (epoch * len + item): all
+    randomness of an item (which pair order, slice, crop, flip) comes from
+    (seed, key) alone, so a run sees the same data whatever the worker count,
+    and after a resume. An epoch is `slices_per_subject` items per subject.
+    """
+
+    def __init__(self, cache: SliceCache, subjects: list[tuple[str, int]], cfg: DataConfig, seed: int = 0):
+        if not subjects:
+            raise ValueError("no training subjects")
+        self.cache, self.subjects, self.cfg, self.seed = cache, list(subjects), cfg, seed
+
+    def __len__(self) -> int:
+        return self.cfg.slices_per_subject * len(self.subjects)
+
+    def __getitem__(self, key: int) -> dict:
+        rng = np.random.default_rng((self.seed, key))
+        name, code = self.subjects[key % len(self.subjects)]
+        # either sequence of the pair may be the source
+        src, tgt = (int(i) for i in rng.choice(train_sequences(code, self.cfg.missing), size=2, replace=False))
+        src_vol, tgt_vol = self.cache.volume(name, src), self.cache.volume(name, tgt)  # (S, X, Y) float16
+        index = int(rng.integers(src_vol.shape[0]))
+        start = tuple(int(rng.integers(max(n - self.cfg.crop, 0) + 1)) for n in src_vol.shape[1:])
+        flip = self.cfg.flip and rng.random() < 0.5
+
+        def view(volume: np.ndarray) -> torch.Tensor:  # (S, X, Y) -> (1, crop, crop) float32
+            image = pad_or_crop(np.asarray(volume[index], dtype=np.float32), self.cfg.crop, start)
+            if flip:
+                image = image[::-1]  # axis 0 is X, left-right in RAS+: a mirrored brain is still a brain
+            return torch.from_numpy(np.ascontiguousarray(image))[None]
+
+        return {"src": view(src_vol), "tgt": view(tgt_vol), "src_idx": src, "tgt_idx": tgt, "name": name}
+
+
+def default_workers() -> int:
+    """DataLoader workers when `data.num_workers` is -1: min(2, CPUs - 1).
+
+    An item is two contiguous page reads from the slice cache and a crop (~0.1 ms),
+    so one worker keeps a GPU fed; a second hides disk latency while the page cache
+    is cold. More only cost memory and start-up time.
+    """
+    return max(0, min(2, available_cpus() - 1))
+
+
+def make_train_loader(cfg: Config, cache: SliceCache, subjects: list[tuple[str, int]], seed: int = 0,
+                      distributed: bool = False) -> DataLoader:
+    """Loader of training pairs; call `loader.sampler.set_epoch(epoch)` before each epoch.
+
+    Ensures the cache of the sequences the subjects contribute and leaves out bad
+    subjects (logged). `distributed`: each rank of the process group gets a
+    disjoint, equally long share of every epoch.
+    """
+    needed = {name: train_sequences(code, cfg.data.missing) for name, code in subjects}
+    good = set(cache.ensure(needed, skip_bad=True))
+    dataset = PairDataset(cache, [(n, c) for n, c in subjects if n in good], cfg.data, seed)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    sampler = EpochSampler(len(dataset), cfg.train.batch_size, seed, rank, world)
+    workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_workers()
+    log.info("training pairs: %d subjects, %d items per epoch, %d loader workers",
+             len(dataset.subjects), len(dataset), workers)
+    return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, drop_last=True)
+
+
+def load_eval_stack(cache: SliceCache, name: str, seq: str | int, n: int | None = None) -> torch.Tensor:
+    """Centre-cropped central slices of a cached volume -> (S, 1, crop, crop) float32 in [-1, 1].
+
+    n = None: all `n_slices` (test); validation uses the central 16 (`train.val_slices`).
+    """
+    volume = cache.volume(name, seq)  # (n_slices, X, Y) float16
+    picked = np.asarray(volume[central_slices(volume.shape[0], n or volume.shape[0])], dtype=np.float32)
+    return torch.from_numpy(center_crop_2d(picked, cache.prep.crop))[:, None]
+
+
+def eval_pairs(subjects: list[tuple[str, int]], targets: str = "available") -> list[tuple[str, int, int]]:
+    """(name, source, target) for every available source and every `available` (validation)
+    or `missing` (test) target of each subject, source != target."""
+    pick = {"available": available, "missing": missing}[targets]
+    return [(name, src, tgt) for name, code in subjects for src in available(code) for tgt in pick(code)
+            if src != tgt]

@@ -1,0 +1,212 @@
+"""Image and latent losses of the training step (METHOD.md, "Training step" 5-6).
+
+- `ssim_loss`: 1 - SSIM, 7x7 uniform window.
+- `PerceptualLoss`: VGG19 features (avg-pool), MSE at every ReLU of the first 30 layers.
+- `consistency_loss`: foreground MSE between the two sequences' latents, plus the
+  density-selected contrastive (InfoNCE) term after its warm-up.
+
+The VQ loss belongs to the quantizer (`vq.models.quantizer`) and is not repeated here.
+All images are (B, 1, H, W) in [-1, 1].
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models import VGG19_Weights
+from torchvision.models.vgg import cfgs, make_layers
+
+from .weights import load_pretrained_state
+
+log = logging.getLogger(__name__)
+
+BACKGROUND = -1.0
+"""Intensity of the background after normalisation to [-1, 1]."""
+
+
+# ----------------------------------------------------------------------------- SSIM
+def ssim_loss(pred: Tensor, target: Tensor, win: int = 7, k1: float = 0.01, k2: float = 0.03,
+              reduction: str = "mean") -> Tensor:
+    """1 - SSIM; (B, C, H, W) -> scalar (mean over the batch) or (B,) with reduction="none".
+
+    Uniform `win` x `win` window without padding (only windows fully inside the image,
+    as scikit-image averages them) and sample covariance (N / (N - 1)), so that
+    1 - ssim_loss equals skimage.metrics.structural_similarity of each 2D image.
+    Data range L = max(2, target max) per image, C1 = (k1 L)^2, C2 = (k2 L)^2 (METHOD.md).
+    Computed in fp32: the variance (E[x^2] - E[x]^2) cancels badly in bf16.
+    """
+    with torch.autocast(pred.device.type, enabled=False):
+        pred, target = pred.float(), target.float()
+        data_range = torch.clamp(target.detach().amax(dim=(1, 2, 3), keepdim=True), min=2.0)  # (B,1,1,1)
+        c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+        pool = lambda t: F.avg_pool2d(t, win, stride=1)  # (B, C, H, W) -> (B, C, H-win+1, W-win+1)
+        cov_norm = win * win / (win * win - 1)
+        mu_p, mu_t = pool(pred), pool(target)
+        var_p = cov_norm * (pool(pred * pred) - mu_p ** 2)
+        var_t = cov_norm * (pool(target * target) - mu_t ** 2)
+        cov = cov_norm * (pool(pred * target) - mu_p * mu_t)
+        ssim_map = ((2 * mu_p * mu_t + c1) * (2 * cov + c2)
+                    / ((mu_p ** 2 + mu_t ** 2 + c1) * (var_p + var_t + c2)))
+        per_image = 1 - ssim_map.flatten(1).mean(1)  # (B,)
+        return per_image if reduction == "none" else per_image.mean()
+
+
+# ----------------------------------------------------------------------------- perceptual
+class PerceptualLoss(nn.Module):
+    """Sum over the ReLU outputs of VGG19 `features[:30]` of the feature MSE (METHOD.md, step 5).
+
+    Max-pools are replaced by average pools (same kernel and stride). Each layer's
+    MSE is a mean over its elements; the 13 layer values are summed, as the
+    reference does. Inputs in [-1, 1] are mapped to [0, 1], the single channel is
+    repeated to RGB and ImageNet-normalised. VGG is frozen (no grads, eval mode).
+
+    Several predictions against one clean target: pass them as a list, and/or
+    pass `target_features(target)` instead of the target so its features are
+    computed once; `forward` returns the SUM of the per-prediction losses.
+    """
+
+    n_layers = 30
+
+    def __init__(self, weights_path: str | Path | None = None, pretrained: bool = True,
+                 allow_random: bool = False):
+        super().__init__()
+        features = make_layers(cfgs["E"])[: self.n_layers]  # VGG19 `features` without the classifier
+        if pretrained:
+            state = load_pretrained_state(VGG19_Weights.IMAGENET1K_V1, weights_path,
+                                          purpose="VGG19 ImageNet weights for the perceptual loss",
+                                          config_key="train.vgg_weights")
+            prefix = "features."
+            features.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)
+                                      and int(k.split(".")[1]) < self.n_layers})
+        elif allow_random:
+            log.warning("PerceptualLoss with RANDOM VGG19 weights: for benchmarks and tests only")
+        else:
+            raise ValueError("PerceptualLoss(pretrained=False) needs allow_random=True (benchmarks/tests only)")
+        layers = [nn.AvgPool2d(m.kernel_size, m.stride) if isinstance(m, nn.MaxPool2d) else m for m in features]
+        self.vgg = nn.Sequential(*layers).eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vgg.eval()  # frozen feature extractor, whatever the caller's mode
+        return self
+
+    def features(self, images: Tensor) -> list[Tensor]:
+        """(B, 1, H, W) in [-1, 1] -> the 13 ReLU outputs, (B, C_l, H_l, W_l) each."""
+        x = ((images + 1) / 2).expand(-1, 3, -1, -1)
+        x = (x - self.mean) / self.std
+        out = []
+        for layer in self.vgg:
+            x = layer(x)
+            if isinstance(layer, nn.ReLU):
+                out.append(x)  # the in-place ReLU's output is not modified by later layers
+        return out
+
+    @torch.no_grad()
+    def target_features(self, target: Tensor) -> list[Tensor]:
+        """Features of a clean target, to reuse across the predictions that share it."""
+        return self.features(target)
+
+    def per_sample(self, preds: Tensor, target_feats: list[Tensor]) -> Tensor:
+        """(N, 1, H, W) predictions vs precomputed target features (N rows each) -> (N,) losses."""
+        loss = 0.0
+        for p, t in zip(self.features(preds), target_feats):
+            loss = loss + (p.float() - t.float()).pow(2).flatten(1).mean(1)
+        return loss
+
+    def forward(self, preds: Tensor | Sequence[Tensor], target: Tensor | list[Tensor]) -> Tensor:
+        """preds: (B, 1, H, W) or a list of n of them; target: (B, 1, H, W) or its features -> scalar."""
+        preds = [preds] if isinstance(preds, Tensor) else list(preds)
+        tgt_feats = self.target_features(target) if isinstance(target, Tensor) else target
+        n = len(preds)
+        pred_feats = self.features(torch.cat(preds))  # one VGG pass for all n predictions
+        loss = 0.0
+        for p, t in zip(pred_feats, tgt_feats):
+            p = p.float().unflatten(0, (n, -1))  # (n*B, C, h, w) -> (n, B, C, h, w)
+            loss = loss + n * (p - t.float().unsqueeze(0)).pow(2).mean()  # n x mean = sum over preds
+        return loss
+
+
+# ----------------------------------------------------------------------------- consistency
+def foreground_mask(img_i: Tensor, img_j: Tensor, size: tuple[int, int], eps: float = 1e-3) -> Tensor:
+    """Pixels where neither image is background, at latent size: 2 x (B, 1, H, W) -> (B, 1, h, w) bool."""
+    fg = ((img_i > BACKGROUND + eps) & (img_j > BACKGROUND + eps)).float()
+    return F.interpolate(fg, size=size, mode="nearest") > 0.5
+
+
+def _density(vectors: Tensor, temperature: float) -> Tensor:
+    """(N, D) unit vectors -> (N,) density: softmax of the similarity matrix over dim 0, summed over the row.
+
+    The softmax is normalised over dim 0 (each column sums to 1): summing a row of
+    a row-normalised softmax would give 1 for every position.
+    """
+    sim = vectors @ vectors.T / temperature  # (N, N)
+    return sim.softmax(dim=0).sum(dim=1)
+
+
+def _info_nce(anchor_i: Tensor, anchor_j: Tensor, temperature: float) -> Tensor:
+    """SupCon with two views: (M, D) x 2 unit vectors, row k of both is the positive pair -> scalar.
+
+    Each of the 2M vectors is an anchor (so both ways, i->j and j->i); its only
+    positive is the other sequence's vector at the same position, the negatives
+    are all other 2M - 2 vectors of both sequences.
+    """
+    m = anchor_i.shape[0]
+    feats = torch.cat([anchor_i, anchor_j])  # (2M, D)
+    logits = feats @ feats.T / temperature  # (2M, 2M)
+    logits = logits.masked_fill(torch.eye(2 * m, dtype=torch.bool, device=feats.device), float("-inf"))
+    positive = torch.arange(2 * m, device=feats.device).roll(m)  # k <-> k + M
+    return F.cross_entropy(logits, positive)
+
+
+def consistency_loss(latent_i: Tensor, latent_j: Tensor, img_i: Tensor, img_j: Tensor, contrast: bool,
+                     temperature: float = 0.07, keep: float = 0.125,
+                     max_positions: int = 2048) -> tuple[Tensor, dict[str, Tensor]]:
+    """Consistency of the two sequences' latents on the foreground (METHOD.md, step 6).
+
+    latent_*: (B, D, h, w) quantized latents; img_*: (B, 1, H, W) clean images in [-1, 1].
+    Returns (mse + contrast, {"mse", "contrast"} detached). Both terms are 0 when
+    there is no foreground.
+
+    mse: symmetric, each side against the detached other, averaged over the
+    foreground positions and the D channels.
+    contrast (when `contrast`): per sample, the foreground vectors of both
+    sequences are L2-normalised; a position's density is the sum of the
+    densities of its two vectors within the concatenated set (2N vectors), and
+    the `keep` share of lowest-density positions (at least 2) go into the InfoNCE
+    loss. At most `max_positions` random foreground positions per sample enter
+    the density, bounding its (2N)^2 similarity matrix (2048 -> 64 MB fp32; a
+    192x192 crop has 48x48 = 2304 latent positions in all). Computed in fp32.
+    """
+    mask = foreground_mask(img_i, img_j, latent_i.shape[-2:])  # (B, 1, h, w)
+    with torch.autocast(latent_i.device.type, enabled=False):
+        lat_i, lat_j = latent_i.float(), latent_j.float()
+        sq = (lat_i - lat_j.detach()).pow(2) + (lat_j - lat_i.detach()).pow(2)  # (B, D, h, w)
+        n_elems = mask.sum().clamp(min=1) * lat_i.shape[1]  # clamp: empty foreground gives 0, no host sync
+        mse = (sq * mask).sum() / n_elems
+
+        nce = lat_i.new_zeros(())
+        if contrast:
+            terms = []
+            for b in range(lat_i.shape[0]):
+                fg = mask[b, 0].flatten().nonzero().squeeze(1)  # (N,) foreground position indices
+                if fg.numel() > max_positions:
+                    fg = fg[torch.randperm(fg.numel(), device=fg.device)[:max_positions]]
+                n = fg.numel()
+                if n < 2:  # no negatives to contrast with
+                    continue
+                vec_i = F.normalize(lat_i[b].flatten(1)[:, fg].T, dim=1)  # (D, h*w) -> (N, D)
+                vec_j = F.normalize(lat_j[b].flatten(1)[:, fg].T, dim=1)
+                with torch.no_grad():  # the ranking only selects positions
+                    density = _density(torch.cat([vec_i, vec_j]), temperature).view(2, n).sum(0)  # (N,)
+                    sparse = density.topk(min(n, max(2, math.ceil(keep * n))), largest=False).indices
+                terms.append(_info_nce(vec_i[sparse], vec_j[sparse], temperature))
+            if terms:
+                nce = torch.stack(terms).mean()
+    return mse + nce, {"mse": mse.detach(), "contrast": nce.detach()}

@@ -1,0 +1,81 @@
+"""Hyper-convolution: a conv whose kernel is mixed from a learned bank by a code (METHOD.md, "Decoder").
+
+kernel(s) = sum_k a_k(s) W_k and bias(s) = sum_k a_k(s) b_k, with a(s) = Linear(code_dim -> n_kernels)(s).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class HyperConv2d(nn.Module):
+    """Conv2d (stride 1, "same" size) whose kernel and bias depend on a per-sample code.
+
+    Batching: the batch is grouped by identical code rows
+    (`torch.unique(code, dim=0, return_inverse=True)`); each group gets one mixed
+    kernel and one ordinary `F.conv2d` on its sub-batch, and the results are
+    scattered back to the input order. Training batches have 1-4 distinct codes
+    (one-hot targets), so this runs at ordinary-conv speed; when all rows are
+    identical there is no gather/scatter at all. A batch of all-distinct codes
+    (random-code augmentation) is still exact, just one conv per sample.
+
+    Init: each bank entry is initialised like nn.Conv2d, and the mixing Linear
+    so that a unit-norm code gives coefficients with ||a|| ~ 1; the mixed kernel
+    of independent entries then has the scale of one ordinary conv kernel.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, code_dim: int = 64,
+                 n_kernels: int = 16, padding_mode: str = "reflect", bias: bool = True):
+        super().__init__()
+        self.in_ch, self.out_ch, self.kernel_size = in_ch, out_ch, kernel_size
+        self.n_kernels, self.padding_mode = n_kernels, padding_mode
+        self.weight = nn.Parameter(torch.empty(n_kernels, out_ch, in_ch, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(n_kernels, out_ch)) if bias else None
+        self.mix = nn.Linear(code_dim, n_kernels)  # a(s)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        fan_in = self.in_ch * self.kernel_size**2
+        for w in self.weight:  # each entry as nn.Conv2d's default init
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        # var(a_k) = |s|^2 / n_kernels, so E|a|^2 = |s|^2 and the mixed kernel keeps one entry's scale
+        nn.init.normal_(self.mix.weight, std=1 / math.sqrt(self.n_kernels))
+        nn.init.zeros_(self.mix.bias)
+
+    def kernels(self, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mixed kernels and biases for G codes: (G, code_dim) -> (G, out, in, k, k), (G, out)."""
+        coeffs = self.mix(code)  # (G, n_kernels)
+        weight = (coeffs @ self.weight.flatten(1)).view(-1, *self.weight.shape[1:])
+        bias = coeffs @ self.bias if self.bias is not None else None
+        return weight, bias
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        pad = self.kernel_size // 2
+        if pad and self.padding_mode != "zeros":
+            x = F.pad(x, (pad, pad, pad, pad), mode=self.padding_mode)
+            pad = 0
+        return F.conv2d(x, weight, bias, padding=pad)
+
+    def forward(self, x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+        # x: (B, in, H, W), code: (B, code_dim) -> (B, out, H, W)
+        uniq, inverse, counts = torch.unique(code.detach(), dim=0, return_inverse=True, return_counts=True)
+        order = inverse.argsort(stable=True)  # batch positions sorted by group
+        # one representative row per group, taken from `code` itself so gradients reach the code
+        # (rows of a group are equal, so d/dparams is the same as summing over the group)
+        first = order[counts.cumsum(0) - counts]  # (G,)
+        weight, bias = self.kernels(code[first])
+        if len(uniq) == 1:  # fast path: one kernel for the whole batch
+            return self._conv(x, weight[0], None if bias is None else bias[0])
+        groups = x[order].split(counts.tolist())  # G sub-batches, each with one code
+        out = torch.cat([self._conv(xg, weight[g], None if bias is None else bias[g])
+                         for g, xg in enumerate(groups)])
+        return out[order.argsort()]  # back to input order
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_ch}, {self.out_ch}, kernel_size={self.kernel_size}, n_kernels={self.n_kernels}, "
+                f"padding_mode={self.padding_mode}, bias={self.bias is not None}")

@@ -1,0 +1,75 @@
+"""Vector quantizer: nearest codebook vector with a straight-through gradient (METHOD.md, "Quantizer").
+
+VQ loss = ||sg[z_q] - z_e||^2 + beta * ||z_q - sg[z_e]||^2 in the "legacy" form the
+reference uses (beta on the codebook term); `legacy=False` moves beta to the
+commitment term, as in the VQ-VAE paper. Both forms have the same value, only
+the gradients differ: legacy pulls the encoder with weight 1 and the codebook
+with weight beta.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class QuantizerOutput(NamedTuple):
+    quantized: torch.Tensor
+    """(B, D, H, W) fp32 codebook vectors, straight-through to z_e."""
+    indices: torch.Tensor
+    """(B, H, W) int64 codebook indices."""
+    loss: torch.Tensor
+    """Scalar VQ loss (commitment + codebook terms)."""
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(self, n_embed: int, embed_dim: int, beta: float = 0.25, legacy: bool = True):
+        super().__init__()
+        self.n_embed, self.embed_dim, self.beta, self.legacy = n_embed, embed_dim, beta, legacy
+        self.embedding = nn.Embedding(n_embed, embed_dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / n_embed, 1.0 / n_embed)
+
+    def distances(self, z_flat: torch.Tensor) -> torch.Tensor:
+        """Squared distances (N, D) -> (N, K) to every codebook vector, always fp32.
+
+        fp32 even under autocast: |z|^2 - 2 z.e + |e|^2 subtracts numbers of
+        similar size, and bf16's 8-bit mantissa would lose the small gaps that
+        decide the nearest code (codes start within 1/K of each other).
+        """
+        with torch.autocast(z_flat.device.type, enabled=False):
+            z, codebook = z_flat.float(), self.embedding.weight.float()
+            return z.pow(2).sum(1, keepdim=True) - 2 * z @ codebook.t() + codebook.pow(2).sum(1)
+
+    def forward(self, z_e: torch.Tensor) -> QuantizerOutput:
+        B, D, H, W = z_e.shape
+        with torch.autocast(z_e.device.type, enabled=False):  # fp32 lookup and loss, see distances()
+            z = z_e.float()
+            z_flat = z.permute(0, 2, 3, 1).reshape(-1, D)  # (B, D, H, W) -> (B*H*W, D)
+            indices = self.distances(z_flat).argmin(1)  # (B*H*W,)
+            z_q = F.embedding(indices, self.embedding.weight.float())  # (B*H*W, D)
+            z_q = z_q.view(B, H, W, D).permute(0, 3, 1, 2)  # -> (B, D, H, W)
+
+            commitment = F.mse_loss(z, z_q.detach())  # pulls the encoder to its code
+            codebook = F.mse_loss(z_q, z.detach())  # pulls the code to the encoder
+            if self.legacy:
+                loss = commitment + self.beta * codebook
+            else:
+                loss = self.beta * commitment + codebook
+
+            z_q = z + (z_q - z).detach()  # straight-through: forward z_q, backward identity to z_e
+        return QuantizerOutput(z_q, indices.view(B, H, W), loss)
+
+    @torch.no_grad()
+    def codebook_usage(self, indices: torch.Tensor) -> dict[str, float]:
+        """Codebook statistics of a batch of indices, to watch for collapse.
+
+        perplexity = exp(entropy of code frequencies): K when all codes are used
+        equally, 1 when everything maps to one code. usage = share of the K codes
+        used at least once.
+        """
+        counts = torch.bincount(indices.flatten(), minlength=self.n_embed).float()  # (K,)
+        probs = counts / counts.sum()
+        perplexity = torch.exp(torch.special.entr(probs).sum())
+        return {"perplexity": perplexity.item(), "usage": (counts > 0).float().mean().item()}

@@ -1,0 +1,212 @@
+"""The VQ-Seq2Seq network (METHOD.md, "Model"): encoder E, quantizer, hyper-conv decoder G.
+
+One network serves every source and target: E maps any sequence to a common
+latent at 1/4 resolution, and G decodes it to the sequence picked by a code s
+(one-hot of the target index in a code_dim-long vector). With
+`cfg.quantize=False` (the Seq2Seq ablation) there is no quantizer and no 1x1
+convs: the latent is the encoder output itself.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..sequences import N_SEQ, seq_index
+from .hyperconv import HyperConv2d
+from .quantizer import VectorQuantizer
+
+Target = int | str | Sequence[int | str] | torch.Tensor
+"""A target sequence: one index/name for the batch, one per sample, or a (B, code_dim) float code."""
+
+
+def conv_norm_act(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
+    # no conv bias: InstanceNorm (affine=False) subtracts it again
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, kernel_size, stride, kernel_size // 2, bias=False, padding_mode="reflect"),
+        nn.InstanceNorm2d(out_ch),
+        nn.LeakyReLU(0.2),
+    )
+
+
+class ResBlock(nn.Module):
+    """x + norm(conv(lrelu(norm(conv(x)))))."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            conv_norm_act(ch, ch, 3),
+            nn.Conv2d(ch, ch, 3, padding=1, bias=False, padding_mode="reflect"),
+            nn.InstanceNorm2d(ch),
+        )
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class Encoder(nn.Module):
+    """(B, 1, H, W) -> (B, C * 2**n_down, H / 2**n_down, W / 2**n_down)."""
+
+    def __init__(self, base_channels: int = 64, n_down: int = 2, n_res: int = 6):
+        super().__init__()
+        layers = [conv_norm_act(1, base_channels, 7)]
+        ch = base_channels
+        for _ in range(n_down):
+            layers.append(conv_norm_act(ch, 2 * ch, 3, stride=2))
+            ch *= 2
+        layers += [ResBlock(ch) for _ in range(n_res)]
+        self.net = nn.Sequential(*layers)
+        self.out_channels = ch
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class HyperResBlock(nn.Module):
+    """ResBlock with code-conditioned hyper-convs."""
+
+    def __init__(self, ch: int, code_dim: int, n_kernels: int):
+        super().__init__()
+        self.conv1 = HyperConv2d(ch, ch, 3, code_dim, n_kernels, bias=False)
+        self.conv2 = HyperConv2d(ch, ch, 3, code_dim, n_kernels, bias=False)
+        self.norm = nn.InstanceNorm2d(ch)
+
+    def forward(self, x, code):
+        h = F.leaky_relu(self.norm(self.conv1(x, code)), 0.2)
+        return x + self.norm(self.conv2(h, code))
+
+
+class HyperUp(nn.Module):
+    """Bilinear x2, hyper-conv 3x3 to half the channels, norm, LeakyReLU."""
+
+    def __init__(self, in_ch: int, code_dim: int, n_kernels: int):
+        super().__init__()
+        self.conv = HyperConv2d(in_ch, in_ch // 2, 3, code_dim, n_kernels, bias=False)
+        self.norm = nn.InstanceNorm2d(in_ch // 2)
+
+    def forward(self, x, code):
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)  # (B, C, 2H, 2W)
+        return F.leaky_relu(self.norm(self.conv(x, code)), 0.2)  # -> (B, C/2, 2H, 2W)
+
+
+class Decoder(nn.Module):
+    """(B, C * 2**n_down, h, w) latent features and (B, code_dim) code -> (B, 1, h * 2**n_down, w * 2**n_down) in [-1, 1]."""
+
+    def __init__(self, base_channels: int = 64, n_down: int = 2, n_res: int = 6,
+                 code_dim: int = 64, n_kernels: int = 16):
+        super().__init__()
+        ch = base_channels * 2**n_down
+        self.embed = nn.Sequential(nn.Linear(code_dim, code_dim), nn.LeakyReLU(0.2))
+        self.res = nn.ModuleList(HyperResBlock(ch, code_dim, n_kernels) for _ in range(n_res))
+        self.up = nn.ModuleList(HyperUp(ch // 2**i, code_dim, n_kernels) for i in range(n_down))
+        self.out = HyperConv2d(base_channels, 1, 7, code_dim, n_kernels)
+
+    def forward(self, x, code):
+        code = self.embed(code)  # (B, code_dim)
+        for block in [*self.res, *self.up]:
+            x = block(x, code)
+        return torch.tanh(self.out(x, code))  # (B, 1, H, W)
+
+
+class Encoded(NamedTuple):
+    latent: torch.Tensor
+    """(B, D, H/4, W/4) quantized latent z_q (encoder output when quantize=False)."""
+    indices: torch.Tensor | None
+    """(B, H/4, W/4) codebook indices, None without a quantizer."""
+    loss_vq: torch.Tensor
+    """Scalar VQ loss (0 without a quantizer)."""
+    pre_quant: torch.Tensor
+    """(B, D, H/4, W/4) z_e, the quantizer's input (= latent when quantize=False)."""
+
+
+class VQSeq2Seq(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.code_dim < N_SEQ:
+            raise ValueError(f"model.code_dim={cfg.code_dim} must be >= {N_SEQ} (one position per sequence)")
+        self.cfg = cfg
+        self.encoder = Encoder(cfg.base_channels, cfg.n_down, cfg.n_res)
+        ch = self.encoder.out_channels
+        if cfg.quantize:
+            self.quant_conv = nn.Conv2d(ch, cfg.embed_dim, 1)  # (B, 4C, h, w) -> (B, D, h, w)
+            self.quantizer = VectorQuantizer(cfg.n_embed, cfg.embed_dim, cfg.beta, cfg.legacy_beta)
+            self.post_quant_conv = nn.Conv2d(cfg.embed_dim, ch, 1)  # (B, D, h, w) -> (B, 4C, h, w)
+        else:
+            self.quant_conv = self.quantizer = self.post_quant_conv = None
+        self.decoder = Decoder(cfg.base_channels, cfg.n_down, cfg.n_res, cfg.code_dim, cfg.n_kernels)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def target_code(self, target: Target, batch_size: int | None = None,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+        """Target sequence(s) -> (B, code_dim) float codes.
+
+        int or name: the same one-hot for all `batch_size` (default 1) samples;
+        list or integer tensor of B indices: one one-hot per sample; float tensor
+        (B, code_dim) or (code_dim,): used as is (broadcast to `batch_size`).
+        """
+        device = device or self.device
+        code_dim = self.cfg.code_dim
+        if isinstance(target, torch.Tensor) and target.is_floating_point():
+            code = target.to(device).reshape(-1, code_dim)
+        else:
+            if isinstance(target, (int, str)):
+                target = [target]
+            if isinstance(target, torch.Tensor):
+                index = target.to(device).flatten().long()
+                if index.numel() and not ((index >= 0) & (index < N_SEQ)).all():
+                    raise ValueError(f"target indices must be in 0..{N_SEQ - 1}, got {index.tolist()}")
+            else:
+                index = torch.tensor([seq_index(t) for t in target], device=device)
+            code = F.one_hot(index, code_dim).float()  # (B, code_dim), ones in the first N_SEQ positions
+        if batch_size is not None and len(code) != batch_size:
+            if len(code) != 1:
+                raise ValueError(f"{len(code)} target codes for a batch of {batch_size}")
+            code = code.expand(batch_size, -1)
+        return code
+
+    def random_code(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Random target codes for domain augmentation (METHOD.md, step 4): (B, code_dim).
+
+        Each sample gets, with p=0.5, a random one-hot of the N_SEQ sequences,
+        otherwise a uniform U(0,1) vector on the first N_SEQ positions (zeros
+        elsewhere), i.e. a random mixture of the trained sequence codes. The
+        reference draws the uniform vector over all code_dim positions; we keep
+        the other positions 0 because their embedding columns are never trained
+        on a real target, so random values there would only add untrained noise.
+        """
+        device = generator.device if generator is not None else torch.device("cpu")
+        onehot = F.one_hot(torch.randint(N_SEQ, (batch_size,), generator=generator, device=device), N_SEQ)
+        uniform = torch.rand(batch_size, N_SEQ, generator=generator, device=device)
+        use_onehot = torch.rand(batch_size, 1, generator=generator, device=device) < 0.5
+        mix = torch.where(use_onehot, onehot.float(), uniform)  # (B, N_SEQ)
+        return F.pad(mix, (0, self.cfg.code_dim - N_SEQ)).to(self.device)  # -> (B, code_dim)
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        z = self.encoder(x)  # (B, 1, H, W) -> (B, 4C, H/4, W/4)
+        if self.quantizer is None:
+            return Encoded(z, None, z.new_zeros((), dtype=torch.float32), z)
+        z_e = self.quant_conv(z)  # -> (B, D, H/4, W/4)
+        z_q, indices, loss = self.quantizer(z_e)
+        return Encoded(z_q, indices, loss, z_e)
+
+    def decode(self, latent: torch.Tensor, target: Target) -> torch.Tensor:
+        code = self.target_code(target, len(latent), latent.device)
+        if self.post_quant_conv is not None:
+            latent = self.post_quant_conv(latent)  # (B, D, h, w) -> (B, 4C, h, w)
+        return self.decoder(latent, code)  # -> (B, 1, H, W) in [-1, 1]
+
+    def forward(self, x: torch.Tensor, target: Target) -> torch.Tensor:
+        return self.decode(self.encode(x).latent, target)
+
+
+def build_model(cfg: ModelConfig) -> VQSeq2Seq:
+    return VQSeq2Seq(cfg)

@@ -1,0 +1,97 @@
+"""Devices, mixed precision and seeding: what every script needs before it runs a model."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import random
+import re
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class DeviceError(ValueError):
+    """A device string that is malformed or names hardware this machine lacks."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """Check `-d` values: cpu, cuda, cuda:N, mps. Raise DeviceError saying what is available."""
+    text = name.strip().lower()
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", text):
+        raise DeviceError(f"device {name!r} not understood; use cpu, cuda, cuda:N or mps")
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {name!r} requested but CUDA is not available on this machine; use -d cpu")
+        index = int(text.split(":")[1]) if ":" in text else 0
+        if index >= torch.cuda.device_count():
+            raise DeviceError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return torch.device("cuda", index)
+    if text == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DeviceError("device 'mps' requested but MPS is not available on this machine; use -d cpu")
+    return torch.device(text)
+
+
+def amp_dtype(device: torch.device, mode: str) -> torch.dtype | None:
+    """The autocast dtype for train.amp = auto | bf16 | fp16 | none (None = full fp32)."""
+    if mode == "none" or device.type == "mps":
+        return None
+    if mode == "fp16":
+        if device.type != "cuda":
+            raise DeviceError("train.amp=fp16 needs CUDA; use bf16 or none on CPU")
+        return torch.float16
+    if mode == "auto" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """One autocast context for the model's forward; a no-op when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """RNG states as plain tensors/lists, so a checkpoint loads with weights_only=True."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, *rest = state["python"]
+    random.setstate((version, tuple(rest[0]), rest[1]) if isinstance(rest[0], list) else state["python"])
+    name, keys, *tail = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *tail))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def cpu_name() -> str:
+    """CPU model and its bf16 capability (AMX or AVX512-BF16), for logs and benchmarks."""
+    model, flags = platform.processor() or "cpu", ""
+    with contextlib.suppress(OSError):
+        text = open("/proc/cpuinfo").read()
+        if m := re.search(r"model name\s*:\s*(.+)", text):
+            model = m.group(1).strip()
+        if m := re.search(r"flags\s*:\s*(.+)", text):
+            flags = m.group(1)
+    bf16 = "amx_bf16" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "no bf16 units"
+    return f"{model} ({os.cpu_count()} cores, {bf16})"

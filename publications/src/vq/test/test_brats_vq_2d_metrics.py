@@ -1,0 +1,118 @@
+"""Evaluate a trained model on the test list as the paper does (METHOD.md, "Evaluation protocol").
+
+    python publications/src/vq/test/test_brats_vq_2d_metrics.py -d cuda:0 \
+        -c publications/config/vq/vqseq2seq_brats_2d_missing_3_256.yaml \
+        -l outputs/ckpt/vqseq2seq/brats/2d/ckpt_best.pth -o outputs/results/vq_seq2seq/brats/2d/
+
+Writes OUT_DIR/result_metrics.csv (model), baseline_metrics.csv (copy the source),
+summary.csv and summary.md (Table-1 layout), and nifti/<ID>/ predictions in the
+source files' own geometry.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vq.checkpoint import CheckpointError, load_model_weights, read_checkpoint
+from vq.config import ConfigError, load_config, resolve_path
+from vq.dataloader.brats import BratsDataError, SliceCache, subject_files
+from vq.dataloader.datasets import load_eval_stack
+from vq.dataloader.lists import DataListError, read_list
+from vq.evaluation import Translator, score, summarize, summary_markdown, translations_for, write_metrics, \
+    write_summary
+from vq.metrics import LPIPSMetric
+from vq.models import build_model
+from vq.nifti import NiftiError, ras_shape, save_like, to_intensity
+from vq.runtime import DeviceError, amp_dtype, resolve_device
+from vq.sequences import N_SEQ, SEQUENCES, path_name
+
+log = logging.getLogger("test")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("-d", "--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("-c", "--config", required=True, help="YAML config the model was trained with")
+    p.add_argument("-l", "--load", required=True, help="checkpoint, e.g. RUN_DIR/ckpt_best.pth")
+    p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    p.add_argument("--list", default="test.csv", help="data list in data.lists (default test.csv)")
+    p.add_argument("--lpips-weights", help="AlexNet ImageNet weights file for LPIPS (else test.lpips_weights)")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in OUT_DIR")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except (ConfigError, DeviceError, BratsDataError, DataListError, NiftiError, CheckpointError,
+            FileExistsError) as err:
+        log.error("%s", err)
+        return 2
+    return 0
+
+
+def run(args) -> None:
+    cfg = load_config(args.config, args.set)
+    out = Path(args.out)
+    if (out / "result_metrics.csv").exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already holds results; pass --overwrite or choose another -o")
+    device = resolve_device(args.device)
+    amp = amp_dtype(device, cfg.train.amp)
+    model = build_model(cfg.model).to(device)
+    load_model_weights(model, read_checkpoint(args.load), args.load)
+    translator = Translator(model, device, amp, cfg.test.batch_size)
+    lpips = LPIPSMetric.try_create(args.lpips_weights or cfg.test.lpips_weights, device=device)
+
+    root = resolve_path(cfg.data.root)
+    subjects = read_list(cfg.lists_dir / args.list)
+    cache = SliceCache(resolve_path(cfg.data.cache_dir), root, cfg.data)
+    cache.ensure([name for name, _ in subjects])  # test: a bad subject is an error, not a skip
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows, baseline = [], []
+    for name, code in tqdm(subjects, desc="subjects", dynamic_ncols=True):
+        stacks = {s: load_eval_stack(cache, name, s) for s in range(N_SEQ)}  # (S,1,crop,crop) each
+        for tr in translations_for(code, cfg.test.multi_step):
+            pred = translator.translate(stacks[tr.src], tr.path)
+            target = stacks[tr.tgt].to(device)
+            names = {"name": name, "src": SEQUENCES[tr.src], "tgt": SEQUENCES[tr.tgt], "steps": tr.steps}
+            rows.append({**names, "method": "model", **score(pred, target, lpips)})
+            if not tr.multi:
+                copy = stacks[tr.src].to(device)
+                baseline.append({**names, "method": "copy_source", **score(copy, target, lpips)})
+            if cfg.test.save_nifti:
+                save_prediction(pred, root, name, tr, cfg, out)
+    write_metrics(rows, out / "result_metrics.csv")
+    write_metrics(baseline, out / "baseline_metrics.csv")
+    summary = summarize(rows + baseline)
+    write_summary(summary, out / "summary.csv", out / "summary.md")
+    log.info("wrote %s", out)
+    print(summary_markdown(summary))
+
+
+def save_prediction(pred: torch.Tensor, root: Path, name: str, tr, cfg, out: Path) -> Path:
+    """Paste the (S,1,crop,crop) prediction into the source file's full grid and geometry."""
+    source = nib.load(str(subject_files(root, name)[SEQUENCES[tr.src]]))
+    full = np.zeros(ras_shape(source), dtype=np.float32)  # (X, Y, Z) in RAS, background 0
+    x, y, z = full.shape
+    s, crop = pred.shape[0], pred.shape[-1]
+    z0, x0, y0 = (z - s) // 2, (x - crop) // 2, (y - crop) // 2  # same centring as the cache and crop
+    volume = to_intensity(pred[:, 0].cpu().numpy()).transpose(1, 2, 0)  # (S,H,W) -> (H,W,S)
+    full[x0:x0 + crop, y0:y0 + crop, z0:z0 + s] = volume
+    via = "" if not tr.multi else "_via_" + "_".join(SEQUENCES[i] for i in tr.path[1:-1])
+    path = out / "nifti" / name / f"{name}_{SEQUENCES[tr.tgt]}_from_{SEQUENCES[tr.src]}{via}.nii.gz"
+    return save_like(full, source, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

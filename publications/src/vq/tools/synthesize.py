@@ -1,0 +1,122 @@
+"""Synthesise missing sequences for your own skull-stripped scans.
+
+    python publications/src/vq/tools/synthesize.py -d cpu -c CONFIG -l CHECKPOINT \
+        --src t1 path/to/t1.nii.gz [--src t2 path/to/t2.nii.gz] --tgt t1ce flair -o OUT_DIR [--samples N]
+
+Any size and orientation: volumes are read in RAS+, normalised as in training
+(`vq.dataloader.preprocess`), translated slice by slice (all axial slices, full
+size, padded to a multiple of 4) and written in the first source's geometry.
+Outputs are in [0, 1] (1 = the source's normalisation clip point).
+With several sources, `<tgt>_fused` decodes the mean of their latent codes.
+With --samples N, N latents drawn around that mean (VQC sampling, METHOD.md
+step 3) give `<tgt>_mean` and `<tgt>_std`, a per-voxel uncertainty map.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vq.checkpoint import CheckpointError, load_model_weights, read_checkpoint
+from vq.config import ConfigError, load_config
+from vq.dataloader.preprocess import normalize
+from vq.evaluation import Translator
+from vq.models import build_model
+from vq.nifti import NiftiError, load_volume, save_like, to_intensity
+from vq.runtime import DeviceError, amp_dtype, resolve_device
+from vq.sequences import SEQUENCES, seq_index
+
+log = logging.getLogger("synthesize")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("-d", "--device", default="cpu")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("-l", "--load", required=True, help="checkpoint")
+    p.add_argument("--src", nargs=2, action="append", required=True, metavar=("SEQ", "NIFTI"),
+                   help=f"an available sequence ({', '.join(SEQUENCES)}) and its file; repeatable")
+    p.add_argument("--tgt", nargs="+", required=True, help="sequences to synthesise")
+    p.add_argument("-o", "--out", required=True)
+    p.add_argument("--samples", type=int, default=0, help="latent samples for a mean/std uncertainty map")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except (ConfigError, DeviceError, NiftiError, CheckpointError, ValueError) as err:
+        log.error("%s", err)
+        return 2
+    return 0
+
+
+def to_slices(volume: np.ndarray, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(X, Y, Z) in [-1,1] -> (Z, 1, X', Y') padded with background to a multiple of `multiple`."""
+    stack = torch.from_numpy(volume).permute(2, 0, 1)[:, None]  # (Z, 1, X, Y)
+    x, y = stack.shape[-2:]
+    pad_x, pad_y = -x % multiple, -y % multiple
+    return F.pad(stack, (0, pad_y, 0, pad_x), value=-1.0), (x, y)
+
+
+def from_slices(stack: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(Z, 1, X', Y') -> (X, Y, Z) numpy, padding removed."""
+    return stack[:, 0, : size[0], : size[1]].permute(1, 2, 0).cpu().numpy()
+
+
+def run(args) -> None:
+    cfg = load_config(args.config, args.set)
+    device = resolve_device(args.device)
+    translator_model = build_model(cfg.model).to(device)
+    load_model_weights(translator_model, read_checkpoint(args.load), args.load)
+    translator = Translator(translator_model, device, amp_dtype(device, cfg.train.amp), cfg.test.batch_size)
+    targets = [seq_index(t) for t in args.tgt]
+    sources = {seq_index(name): load_volume(path) for name, path in args.src}
+    first = next(iter(sources.values()))
+    for vol in sources.values():
+        if vol.data.shape != first.data.shape:
+            raise NiftiError(f"{vol.path}: shape {vol.data.shape} differs from {first.path} {first.data.shape}; "
+                             "register the sequences to one grid first")
+    out = Path(args.out)
+    multiple = 2 ** cfg.model.n_down
+    latents = {}
+    for s, vol in sources.items():
+        stack, size = to_slices(normalize(vol.data, cfg.data.percentile), multiple)
+        latents[s] = translator.encode(stack)  # (Z, D, X'/4, Y'/4)
+        log.info("encoded %s (%s), %d slices", SEQUENCES[s], vol.path.name, stack.shape[0])
+
+    def write(pred: torch.Tensor, stem: str, intensity: bool = True) -> None:
+        data = from_slices(pred, size)
+        path = save_like(to_intensity(data) if intensity else data, first, out / f"{stem}.nii.gz")
+        log.info("wrote %s", path)
+
+    for t in targets:
+        for s, latent in latents.items():
+            write(translator.decode(latent, t), f"{SEQUENCES[t]}_from_{SEQUENCES[s]}")
+        stacked = torch.stack(list(latents.values()))  # (n_src, Z, D, h, w)
+        mean = stacked.mean(0)
+        if len(latents) > 1:
+            write(translator.decode(mean, t), f"{SEQUENCES[t]}_fused")
+        if args.samples > 0:
+            spread = ((stacked - mean) ** 2).sum(0)  # sigma of METHOD.md step 3; 0 for a single source
+            draws = torch.stack([to_unit(translator.decode(mean + torch.randn_like(mean) * spread, t))
+                                 for _ in range(args.samples)])
+            write(draws.mean(0), f"{SEQUENCES[t]}_mean", intensity=False)
+            write(draws.std(0), f"{SEQUENCES[t]}_std", intensity=False)
+
+
+def to_unit(pred: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], the scale written to files."""
+    return ((pred + 1) / 2).clamp(0, 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Train VQ-Seq2Seq (or an ablation) on a BraTS-layout dataset, 2D slices.
+
+    python publications/src/vq/train/train_brats_vq_seq2seq_2d.py -d cuda:0 \
+        -c publications/config/vq/vqseq2seq_brats_2d_missing_3_256.yaml [-l WEIGHTS] \
+        [--resume RUN_DIR] [--set train.batch_size=8 ...]
+
+Config -> data -> model -> optimizer -> loop -> checkpoint, in that order.
+Everything goes to the run folder `out_dir`: config.yaml, log.csv, TensorBoard
+events, progress.png, samples/, ckpt_last.pth and ckpt_best.pth.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vq.checkpoint import CheckpointError, load_model_weights, read_checkpoint, save_checkpoint
+from vq.config import ConfigError, load_config, resolve_path, save_config
+from vq.dataloader.brats import BratsDataError, SliceCache
+from vq.dataloader.datasets import load_eval_stack, make_train_loader
+from vq.dataloader.lists import DataListError, read_list
+from vq.losses import PerceptualLoss
+from vq.models import build_model
+from vq.nifti import NiftiError
+from vq.runtime import DeviceError, amp_dtype, cpu_name, resolve_device, rng_state, seed_everything, set_rng_state
+from vq.sequences import available
+from vq.training import Recipe, make_optimizer, poly_lr, translate, validate
+from vq.viz import plot_progress, sample_grid, save_png
+from vq.weights import MissingWeightsError
+
+log = logging.getLogger("train")
+LOG_COLUMNS = ["step", "epoch", "lr", "loss", "l1", "ssim", "per", "vq", "con", "perplexity", "usage",
+               "slices_per_s", "val_psnr"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("-d", "--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("-c", "--config", help="YAML config (with --resume, defaults to the run's config.yaml)")
+    p.add_argument("-l", "--load", help="initial model weights (a checkpoint file)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    args = p.parse_args(argv)
+    if not args.config and not args.resume:
+        p.error("give a config with -c (or --resume RUN_DIR)")
+    return args
+
+
+class Stop(Exception):
+    """Raised from the signal handler; the loop saves a last checkpoint and exits."""
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return train(args)
+    except (ConfigError, DeviceError, BratsDataError, DataListError, NiftiError, CheckpointError,
+            MissingWeightsError, FileExistsError) as err:
+        log.error("%s", err)
+        return 2
+
+
+def train(args) -> int:
+    # --- config and run folder ---
+    if args.resume:
+        run_dir = resolve_path(args.resume)
+        config_path = args.config or run_dir / "config.yaml"
+        cfg = load_config(config_path, args.set + [f"out_dir={run_dir}"])
+        if not (run_dir / "ckpt_last.pth").is_file():
+            raise CheckpointError(f"--resume {run_dir}: no ckpt_last.pth there to resume from")
+    else:
+        cfg = load_config(args.config, args.set)
+        run_dir = resolve_path(cfg.out_dir)
+        if (run_dir / "ckpt_last.pth").exists() or (run_dir / "config.yaml").exists():
+            raise FileExistsError(f"run folder {run_dir} already holds a run; continue it with --resume {run_dir} "
+                                  "or choose another folder with --set out_dir=...")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    device = resolve_device(args.device)
+    amp = amp_dtype(device, cfg.train.amp)
+    seed_everything(cfg.seed)
+    log.info("run folder %s | device %s (%s) | autocast %s", run_dir, device,
+             torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(), amp)
+
+    # --- data ---
+    root, lists = resolve_path(cfg.data.root), cfg.lists_dir
+    train_rows = read_list(lists / "train.csv")
+    valid_rows = read_list(lists / "valid.csv")
+    cache = SliceCache(resolve_path(cfg.data.cache_dir), root, cfg.data)
+    cache.ensure([n for n, _ in valid_rows])
+    valid = {name: {s: load_eval_stack(cache, name, s, cfg.train.val_slices) for s in available(code)}
+             for name, code in valid_rows}
+    loader = make_train_loader(cfg, cache, train_rows, seed=cfg.seed)
+
+    # --- model, loss, optimizer ---
+    model = build_model(cfg.model).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.load:
+        load_model_weights(model, read_checkpoint(args.load), args.load)
+        log.info("initial weights from %s", args.load)
+    perceptual = None
+    if cfg.train.lambda_per > 0:
+        perceptual = PerceptualLoss(weights_path=cfg.train.vgg_weights).to(device)
+    recipe = Recipe(model, cfg, perceptual)
+    step_fn = torch.compile(recipe) if cfg.train.compile else recipe
+    optimizer = make_optimizer(model, cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model %s: %.2f M parameters; %d train / %d valid subjects",
+             type(model).__name__, n_params / 1e6, len(train_rows), len(valid_rows))
+
+    epoch, step, best = 0, 0, float("-inf")
+    if args.resume:
+        state = read_checkpoint(run_dir / "ckpt_last.pth")
+        load_model_weights(model, state, run_dir / "ckpt_last.pth")
+        optimizer.load_state_dict(state["optimizer"])
+        epoch, step, best = state["epoch"], state["step"], state["best_psnr"]
+        set_rng_state(state["rng"])
+        log.info("resumed at epoch %d, step %d (best PSNR %.2f)", epoch, step, best)
+
+    def checkpoint(name: str, finished: bool = False) -> None:
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                         "step": step, "best_psnr": best, "rng": rng_state(), "finished": finished,
+                         "config": cfg.to_dict()}, run_dir / name)
+
+    if step >= cfg.train.max_steps or epoch >= cfg.train.epochs:
+        log.info("run already finished (epoch %d, step %d); nothing to do", epoch, step)
+        return 0
+
+    # --- loop ---
+    from torch.utils.tensorboard import SummaryWriter  # imported late: slow import
+    writer = SummaryWriter(run_dir / "tensorboard")
+    log_path = run_dir / "log.csv"
+    new_log = not log_path.exists()
+    log_file = log_path.open("a", newline="")
+    log_csv = csv.DictWriter(log_file, LOG_COLUMNS, extrasaction="ignore")
+    if new_log:
+        log_csv.writeheader()
+
+    def on_signal(signum, frame):
+        raise Stop(signal.Signals(signum).name)
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    model.train()
+    steps_per_epoch = len(loader)
+    try:
+        while epoch < cfg.train.epochs and step < cfg.train.max_steps:
+            lr = poly_lr(cfg, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loader.sampler.set_epoch(epoch, start=step - epoch * steps_per_epoch if args.resume else 0)
+            args.resume = None  # only the first resumed epoch starts mid-way
+            bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+            tic = time.perf_counter()
+            for batch in bar:
+                src, tgt = batch["src"].to(device, non_blocking=True), batch["tgt"].to(device, non_blocking=True)
+                if cfg.train.channels_last:
+                    src, tgt = src.contiguous(memory_format=torch.channels_last), tgt.contiguous(
+                        memory_format=torch.channels_last)
+                loss, stats = step_fn(src, tgt, batch["src_idx"].to(device), batch["tgt_idx"].to(device),
+                                      epoch=epoch, amp=amp)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                toc = time.perf_counter()
+                stats["slices_per_s"] = src.shape[0] / max(toc - tic, 1e-9)
+                tic = toc
+                bar.set_postfix(step=step, loss=f"{stats['loss']:.3f}", l1=f"{stats['l1']:.3f}",
+                                sps=f"{stats['slices_per_s']:.1f}")
+                if step % cfg.train.log_every == 0 or step == 1:
+                    log_csv.writerow({"step": step, "epoch": epoch, "lr": lr, **stats})
+                    for key, value in stats.items():
+                        writer.add_scalar(f"train/{key}", value, step)
+                if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0:
+                    checkpoint("ckpt_last.pth")
+                if step >= cfg.train.max_steps:
+                    break
+            else:
+                epoch += 1
+            end_of_epoch = step - epoch * steps_per_epoch == 0 or step >= cfg.train.max_steps
+            if end_of_epoch and (epoch % cfg.train.val_every == 0 or step >= cfg.train.max_steps):
+                metrics = validate(model, valid, device, cfg.test.batch_size, amp)
+                log_csv.writerow({"step": step, "epoch": epoch, "lr": lr, "val_psnr": metrics["psnr"]})
+                writer.add_scalar("valid/psnr", metrics["psnr"], step)
+                log.info("epoch %d step %d: valid PSNR %.2f dB over %d pairs", epoch, step, metrics["psnr"],
+                         metrics["n_pairs"])
+                if metrics["psnr"] > best:
+                    best = metrics["psnr"]
+                    checkpoint("ckpt_best.pth")
+                grid = sample_grid_for(model, valid, device, amp, f"epoch {epoch}, step {step}")
+                save_png(grid, run_dir / "samples" / f"epoch_{epoch:04d}.png")
+                writer.add_image("valid/samples", grid, step, dataformats="HWC")
+            checkpoint("ckpt_last.pth", finished=epoch >= cfg.train.epochs or step >= cfg.train.max_steps)
+            log_file.flush()
+            plot_progress(log_path, run_dir / "progress.png")
+    except Stop as reason:
+        log.warning("%s received: saving ckpt_last.pth at step %d and stopping", reason, step)
+        checkpoint("ckpt_last.pth")
+        return 130
+    finally:
+        for s, handler in old_handlers.items():
+            signal.signal(s, handler)
+        log_file.close()
+        writer.close()
+    if not (run_dir / "ckpt_best.pth").exists():
+        checkpoint("ckpt_best.pth")
+    log.info("done: %d steps, best valid PSNR %.2f dB; checkpoints in %s", step, best, run_dir)
+    return 0
+
+
+@torch.no_grad()
+def sample_grid_for(model, valid, device, amp, title):
+    """Centre slice of the first valid subject: truth and translations from every available source."""
+    name, seqs = next(iter(valid.items()))
+    mid = next(iter(seqs.values())).shape[0] // 2
+    truth = {s: stack[mid, 0].numpy() for s, stack in seqs.items()}
+    translations = {}
+    for s, stack in seqs.items():
+        src = stack[mid:mid + 1].to(device)
+        translations[s] = {t: translate(model, src, t, 1, amp)[0, 0].cpu().numpy() for t in range(4)}
+    return sample_grid(truth, translations, f"{name}: {title}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Pictures a person would rather look at than read: training curves and sample grids."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless machines: no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vq.sequences import DISPLAY_NAMES, SEQUENCES  # noqa: E402
+
+
+def _floats(rows, key):
+    xs, ys = [], []
+    for row in rows:
+        if row.get(key) not in (None, ""):
+            xs.append(float(row["step"]))
+            ys.append(float(row[key]))
+    return xs, ys
+
+
+def plot_progress(log_csv: str | Path, out_png: str | Path) -> None:
+    """Loss terms and validation PSNR against the step, from the run's log.csv."""
+    with open(log_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    fig, (ax_loss, ax_psnr) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("loss", "l1", "ssim", "per", "vq", "con"):
+        xs, ys = _floats(rows, key)
+        if xs and any(y > 0 for y in ys):
+            ax_loss.plot(xs, ys, label=key, lw=1)
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_title("training losses")
+    ax_loss.legend(fontsize=8)
+    xs, ys = _floats(rows, "val_psnr")
+    ax_psnr.plot(xs, ys, "o-", color="C3")
+    ax_psnr.set_xlabel("step")
+    ax_psnr.set_ylabel("dB")
+    ax_psnr.set_title("validation PSNR")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def sample_grid(truth: dict[int, np.ndarray], translations: dict[int, dict[int, np.ndarray]],
+                title: str = "") -> np.ndarray:
+    """An RGB image: first row the available ground truth, then one row per source with its
+    translations to all four sequences. Images are 2D arrays in [-1, 1].
+    Returns (H, W, 3) uint8, for PNG files and TensorBoard alike."""
+    rows = 1 + len(translations)
+    fig, axes = plt.subplots(rows, len(SEQUENCES), figsize=(2.2 * len(SEQUENCES), 2.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for t, name in enumerate(SEQUENCES):
+        if t in truth:
+            axes[0, t].imshow(truth[t].T[::-1], cmap="gray", vmin=-1, vmax=1)
+        axes[0, t].set_title(f"{DISPLAY_NAMES[name]} (real)" if t in truth else f"{DISPLAY_NAMES[name]} missing",
+                             fontsize=8)
+    for r, (s, outs) in enumerate(sorted(translations.items()), 1):
+        for t, image in outs.items():
+            axes[r, t].imshow(image.T[::-1], cmap="gray", vmin=-1, vmax=1)
+            axes[r, t].set_title(f"{DISPLAY_NAMES[SEQUENCES[s]]} -> {DISPLAY_NAMES[SEQUENCES[t]]}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
+
+
+def save_png(image: np.ndarray, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    plt.imsave(path, image)
+
+

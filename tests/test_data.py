@@ -1,0 +1,303 @@
+"""Data path: normalisation, crops, the slice cache, training pairs, augmentation, data lists."""
+from __future__ import annotations
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import vq.nifti
+from vq.config import Config, DataConfig
+from vq.dataloader.augment import IntensityAugment
+from vq.dataloader.brats import BratsDataError, SliceCache, load_subject, subject_files
+from vq.dataloader.datasets import PairDataset, eval_pairs, load_eval_stack, make_train_loader
+from vq.dataloader.lists import DataListError, read_list
+from vq.dataloader.preprocess import central_slices, normalize, pad_or_crop
+from vq.sequences import SEQUENCES
+from vq.tools.make_data_list import main as make_data_list
+
+SHAPE = (40, 48, 20)  # (X, Y, Z): non-square, so a swapped crop axis would show
+CODES = {"S0": 3, "S1": 4, "S2": 5, "S3": 14}  # n mod 3 = 0, 1, 2, 2
+
+
+def write_subject(root, name, seed, shape=SHAPE):
+    """A blob "brain" with random texture; t1ce = 3 x t1, so both normalise to the same image."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    brain = (grid**2).sum(0) < 0.8
+    texture = rng.uniform(0.5, 1.5, shape) * brain
+    volumes = {"t1": 100 * texture, "t1ce": 300 * texture, "t2": (2 - texture) * 100 * brain,
+               "flair": 80 * texture**2, "seg": (texture > 1.4).astype(np.float32)}
+    (root / name).mkdir(parents=True, exist_ok=True)
+    for kind, data in volumes.items():
+        nib.save(nib.Nifti1Image(data.astype(np.float32), np.eye(4)), str(root / name / f"{name}_{kind}.nii.gz"))
+
+
+@pytest.fixture
+def brats(tmp_path):
+    root = tmp_path / "brats"
+    for i, name in enumerate(CODES):
+        write_subject(root, name, seed=i)
+    return root
+
+
+@pytest.fixture
+def cfg():
+    return DataConfig(n_slices=8, crop=32)
+
+
+@pytest.fixture
+def load_counter(monkeypatch):
+    """Counts NIfTI reads by file name."""
+    calls = []
+    real = vq.nifti.load_volume
+
+    def counting(path, **kw):
+        calls.append(os.path.basename(path))
+        return real(path, **kw)
+
+    monkeypatch.setattr(vq.nifti, "load_volume", counting)
+    return calls
+
+
+def make_cache(tmp_path, brats, cfg):
+    return SliceCache(tmp_path / "cache", brats, cfg, workers=0)
+
+
+# --- preprocessing ---
+
+def test_normalize_background_to_minus_one_and_clip_point_to_one():
+    rng = np.random.default_rng(0)
+    volume = np.zeros((20, 20, 20), np.float32)
+    volume[5:15, 5:15, 5:15] = rng.uniform(10, 100, (10, 10, 10))
+    volume[0, 0, :3] = 1e4, 1e4, -5  # two bright outliers, one negative voxel
+    top = 2 * np.percentile(volume, 99)
+    volume[0, 0, 0] = top  # still the largest but one: the percentile does not move
+    assert 2 * np.percentile(volume, 99) == top
+    out = normalize(volume)
+    assert out.dtype == np.float32 and out.min() == -1 and out.max() == 1
+    assert out[1, 1, 1] == -1 and out[0, 0, 2] == -1  # background and negatives
+    assert out[0, 0, 0] == pytest.approx(1) and out[0, 0, 1] == 1  # clip point and above
+    np.testing.assert_allclose(out, np.clip(volume, 0, top) / top * 2 - 1, atol=1e-6)  # linear in between
+
+
+def test_normalize_tiny_foreground_uses_positive_voxels():
+    volume = np.zeros((30, 30, 30), np.float32)
+    volume[0, 0, :20] = np.arange(1, 21)  # < 1% foreground: the all-voxel percentile is 0
+    out = normalize(volume)
+    top = 2 * np.percentile(np.arange(1, 21), 99)
+    np.testing.assert_allclose(out[0, 0, :20], np.arange(1, 21) / top * 2 - 1, atol=1e-6)
+    with pytest.raises(ValueError, match="no positive"):
+        normalize(np.zeros((4, 4, 4)))
+
+
+def test_central_slices_and_pad_or_crop():
+    assert central_slices(155, 128) == slice(13, 141)
+    with pytest.raises(ValueError, match="fewer"):
+        central_slices(100, 128)
+    image = np.arange(6 * 10, dtype=np.float32).reshape(6, 10)
+    fitted = pad_or_crop(image, 8)  # pads H (6 -> 8) with -1, crops W (10 -> 8) centred
+    assert fitted.shape == (8, 8) and (fitted[0] == -1).all() and (fitted[-1] == -1).all()
+    np.testing.assert_array_equal(fitted[1:7], image[:, 1:9])
+    back = pad_or_crop(fitted, image.shape)  # centred fitting undoes itself where data was kept
+    np.testing.assert_array_equal(back[:, 1:9], image[:, 1:9])
+    np.testing.assert_array_equal(pad_or_crop(image, (4, 4), start=(2, 5)), image[2:6, 5:9])
+
+
+# --- subjects and the slice cache ---
+
+def test_subject_files_names_missing_file(brats):
+    (brats / "S1" / "S1_t2.nii.gz").unlink()
+    with pytest.raises(BratsDataError, match=r"subject S1: missing file .*S1_t2\.nii\.gz"):
+        subject_files(brats, "S1")
+    assert set(subject_files(brats, "S1", ["t1", "flair"])) == {"t1", "flair"}
+
+
+def test_load_subject_checks_shapes(brats):
+    stack = load_subject(brats, "S0", percentile=99, n_slices=8)
+    assert stack.shape == (4, 40, 48, 8) and stack.min() == -1 and -1 < stack.max() <= 1
+    np.testing.assert_allclose(stack[0], stack[1], atol=1e-5)  # t1ce = 3 x t1
+    vol = nib.load(str(brats / "S0" / "S0_flair.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(vol.dataobj)[:, :44], np.eye(4)), str(brats / "S0" / "S0_flair.nii.gz"))
+    with pytest.raises(BratsDataError, match=r"subject S0: volumes differ in shape: .*S0_flair\.nii\.gz \(40, 44, 8\)"):
+        load_subject(brats, "S0", n_slices=8)
+
+
+def test_cache_hit_does_not_reload(tmp_path, brats, cfg, load_counter):
+    cache = make_cache(tmp_path, brats, cfg)
+    assert cache.ensure(list(CODES)) == list(CODES)
+    assert len(load_counter) == 4 * 4
+    volume = cache.volume("S0", "t1")
+    assert volume.dtype == np.float16 and volume.shape == (8, 40, 48)  # (n_slices, X, Y)
+    expected = load_subject(brats, "S0", ["t1"], n_slices=8)[0].transpose(2, 0, 1)
+    np.testing.assert_allclose(volume, expected, atol=1e-3)
+    load_counter.clear()
+    assert cache.ensure(list(CODES)) == list(CODES)
+    assert load_counter == []
+
+
+def test_cache_rebuilds_changed_source(tmp_path, brats, cfg, load_counter):
+    cache = make_cache(tmp_path, brats, cfg)
+    cache.ensure(list(CODES))
+    before = np.array(cache.volume("S2", "t2"))
+    write_subject(brats, "S2", seed=99)  # new content: size and mtime change
+    source = brats / "S2" / "S2_t2.nii.gz"
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
+    load_counter.clear()
+    cache.ensure(list(CODES))
+    assert sorted(load_counter) == sorted(f"S2_{s}.nii.gz" for s in SEQUENCES)
+    assert not np.array_equal(before, cache.volume("S2", "t2"))
+    load_counter.clear()
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))  # touch only
+    cache.ensure(["S2"])
+    assert load_counter == ["S2_t2.nii.gz"]
+
+
+def test_cache_rebuilds_truncated_npy_and_missing_manifest(tmp_path, brats, cfg, load_counter):
+    cache = make_cache(tmp_path, brats, cfg)
+    cache.ensure(list(CODES))
+    npy = cache.path("S1", "flair")
+    npy.write_bytes(npy.read_bytes()[:-100])
+    (cache.dir / "S3" / "manifest.json").unlink()
+    load_counter.clear()
+    cache.ensure(list(CODES))
+    assert sorted(load_counter) == sorted(["S1_flair.nii.gz"] + [f"S3_{s}.nii.gz" for s in SEQUENCES])
+    assert cache.volume("S1", "flair").shape == (8, 40, 48)
+    assert json.loads((cache.dir / "S3" / "manifest.json").read_text())["subject"] == "S3"
+
+
+def test_cache_rebuilds_on_changed_settings(tmp_path, brats, cfg, load_counter):
+    make_cache(tmp_path, brats, cfg).ensure(["S0"])
+    load_counter.clear()
+    make_cache(tmp_path, brats, DataConfig(n_slices=8, crop=16)).ensure(["S0"])  # crop is not cached
+    assert load_counter == []
+    cache = make_cache(tmp_path, brats, DataConfig(n_slices=8, percentile=95.0))
+    cache.ensure(["S0"])
+    assert len(load_counter) == 4
+
+
+def test_cache_builds_in_worker_processes(tmp_path, brats, cfg):
+    pooled = SliceCache(tmp_path / "pooled", brats, cfg, workers=2)
+    assert pooled.ensure(["S0", "S1"]) == ["S0", "S1"]
+    serial = make_cache(tmp_path, brats, cfg)
+    serial.ensure(["S0", "S1"])
+    for name in ("S0", "S1"):
+        np.testing.assert_array_equal(pooled.volume(name, "flair"), serial.volume(name, "flair"))
+
+
+def test_cache_bad_subject_raises_or_is_skipped(tmp_path, brats, cfg, caplog):
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.float32), np.eye(4)), str(brats / "S1" / "S1_t1ce.nii.gz"))
+    cache = make_cache(tmp_path, brats, cfg)
+    with pytest.raises(BratsDataError, match=r"subject S1: .*S1_t1ce\.nii\.gz.*all zeros"):
+        cache.ensure(list(CODES))
+    assert cache.ensure(list(CODES), skip_bad=True) == ["S0", "S2", "S3"]
+    assert "S1_t1ce" in caplog.text
+    assert cache.ensure({"S1": ["t1", "t2"]}) == ["S1"]  # the bad file is not needed here
+
+
+# --- training pairs and evaluation stacks ---
+
+def test_pairs_follow_n_mod_3(tmp_path, brats, cfg):
+    cache = make_cache(tmp_path, brats, cfg)
+    cache.ensure(list(CODES))
+    dataset = PairDataset(cache, list(CODES.items()), cfg, seed=0)
+    expected = {"S0": {0, 1}, "S1": {1, 2}, "S2": {2, 3}, "S3": {2, 3}}
+    seen = {name: set() for name in CODES}
+    for key in range(10 * len(dataset)):
+        item = dataset[key]
+        assert {item["src_idx"], item["tgt_idx"]} == expected[item["name"]]
+        seen[item["name"]].add(item["src_idx"])
+    assert seen == expected  # both directions occur
+    full = PairDataset(cache, list(CODES.items()), DataConfig(n_slices=8, crop=32, missing=False))
+    assert len({(full[k]["src_idx"], full[k]["tgt_idx"]) for k in range(200)}) == 12
+
+
+def test_pair_crop_and_flip_are_shared(tmp_path, brats, cfg):
+    cache = make_cache(tmp_path, brats, cfg)
+    cache.ensure(["S0"])
+    dataset = PairDataset(cache, [("S0", 3)], DataConfig(n_slices=8, crop=32, slices_per_subject=4), seed=1)
+    views = []
+    for key in range(40):
+        item = dataset[key]
+        assert item["src"].shape == item["tgt"].shape == (1, 32, 32) and item["src"].dtype == torch.float32
+        torch.testing.assert_close(item["src"], item["tgt"], atol=2e-3, rtol=0)  # t1 and t1ce normalise alike
+        views.append(item["src"])
+    assert len({v.sum().item() for v in views}) > 30  # slices/crops/flips really vary
+    torch.testing.assert_close(dataset[7]["src"], views[7], atol=0, rtol=0)  # same key, same item
+
+
+def test_train_loader_batches(tmp_path, brats):
+    cfg = Config(data=DataConfig(root=str(brats), n_slices=8, crop=32, num_workers=0))
+    cfg.train.batch_size = 2
+    cache = make_cache(tmp_path, brats, cfg.data)
+    loader = make_train_loader(cfg, cache, list(CODES.items()), seed=0)
+    loader.sampler.set_epoch(3)
+    batches = list(loader)
+    assert len(batches) == 2 and batches[0]["src"].shape == (2, 1, 32, 32)
+    assert batches[0]["src_idx"].dtype == torch.int64 and len(batches[0]["name"]) == 2
+
+
+def test_eval_stack_and_pairs(tmp_path, brats, cfg):
+    cache = make_cache(tmp_path, brats, cfg)
+    cache.ensure(["S0"])
+    stack = load_eval_stack(cache, "S0", "t2", 4)
+    assert stack.shape == (4, 1, 32, 32) and stack.dtype == torch.float32
+    full = np.asarray(cache.volume("S0", "t2"), np.float32)  # (8, 40, 48)
+    np.testing.assert_array_equal(stack[:, 0].numpy(), full[2:6, 4:36, 8:40])
+    assert load_eval_stack(cache, "S0", 2).shape == (8, 1, 32, 32)
+    assert eval_pairs([("A", 0b1010)]) == [("A", 0, 2), ("A", 2, 0)]
+    assert eval_pairs([("A", 0b1010)], targets="missing") == [("A", 0, 1), ("A", 0, 3), ("A", 2, 1), ("A", 2, 3)]
+
+
+# --- augmentation ---
+
+def _images():
+    images = torch.full((4, 1, 24, 24), -1.0)
+    images[:, :, 4:20, 4:20] = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
+    return images
+
+
+def test_augment_changes_foreground_only():
+    images = _images()
+    out = IntensityAugment(p=1.0, p_skip=0.0)(images, torch.Generator().manual_seed(0))
+    fg = images > -1
+    assert torch.isfinite(out).all() and out.min() >= -1 and out.max() <= 1
+    assert ((out - images).abs()[fg] > 1e-4).float().mean() > 0.9
+    assert (out[~fg] == -1).all()
+    again = IntensityAugment(p=1.0, p_skip=0.0)(images, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, again, atol=0, rtol=0)
+    whole = IntensityAugment(p=1.0, p_skip=0.0, foreground_only=False)(images, torch.Generator().manual_seed(0))
+    assert (whole[~fg] != -1).any()
+
+
+def test_augment_skip_returns_input():
+    images = _images()
+    assert torch.equal(IntensityAugment(p=1.0, p_skip=1.0)(images), images)
+    out = IntensityAugment()(images.repeat(16, 1, 1, 1), torch.Generator().manual_seed(1))
+    unchanged = (out == images.repeat(16, 1, 1, 1)).flatten(1).all(1)
+    assert 0 < unchanged.sum() < 64  # some samples skipped, some not
+
+
+# --- data lists ---
+
+def test_make_data_list(tmp_path, brats, capsys):
+    paths = make_data_list(["--root", str(brats), "-o", str(tmp_path / "lists"), "--seed", "1"])
+    names = [name for path in paths.values() for name, _ in read_list(path)]
+    assert sorted(names) == sorted(CODES) and "train" in capsys.readouterr().out
+    (brats / "S2" / "S2_seg.nii.gz").unlink()
+    with pytest.raises(SystemExit, match=r"subject S2: missing file .*S2_seg\.nii\.gz"):
+        make_data_list(["--root", str(brats), "-o", str(tmp_path / "lists")])
+
+
+def test_data_list_errors(tmp_path):
+    bad_code = tmp_path / "bad.csv"
+    bad_code.write_text("A,3\nB,15\n")
+    with pytest.raises(DataListError, match=r"bad\.csv:2: code 15 of B"):
+        read_list(bad_code)
+    duplicate = tmp_path / "dup.csv"
+    duplicate.write_text("A,3\nA,4\n")
+    with pytest.raises(DataListError, match="subject A listed twice"):
+        read_list(duplicate)

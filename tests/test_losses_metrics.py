@@ -1,0 +1,189 @@
+"""Losses, metrics and offline pretrained weights, on tiny tensors and self-made weight files."""
+import logging
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from torchvision.models.vgg import cfgs, make_layers
+
+from vq import metrics
+from vq.losses import PerceptualLoss, consistency_loss, ssim_loss
+from vq.metrics import LPIPSMetric, lpips_volume, psnr, ssim3d
+from vq.weights import MissingWeightsError
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty torch hub cache and no network: torchvision's download fails at once."""
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError("no network in tests")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    yield tmp_path / "hub"
+    torch.hub.set_dir(old)
+
+
+@pytest.fixture(scope="module")
+def vgg_file(tmp_path_factory):
+    """A random VGG19 `features` state dict saved like torchvision's file (keys `features.*`)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "vgg19-random.pth"
+    torch.save({f"features.{k}": v for k, v in make_layers(cfgs["E"]).state_dict().items()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def alexnet_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "alexnet-random.pth"
+    torch.save(torchvision.models.alexnet().state_dict(), path)
+    return path
+
+
+def images(n=2, size=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, size, size, generator=gen) * 2 - 1
+
+
+# ----------------------------------------------------------------------------- SSIM / PSNR
+def test_ssim_loss_zero_for_identical_and_grows_with_noise():
+    img = images()
+    noisy = [ssim_loss((img + s * torch.randn_like(img)).clamp(-1, 1), img) for s in (0.05, 0.2, 0.5)]
+    assert ssim_loss(img, img).abs() < 1e-5
+    assert 0 < noisy[0] < noisy[1] < noisy[2]
+
+
+def test_ssim_loss_matches_skimage_per_image():
+    img = images(1, 48)
+    pred = (img + 0.2 * torch.randn_like(img)).clamp(-1, 1)
+    ref = structural_similarity(img[0, 0].numpy().astype(np.float64), pred[0, 0].numpy().astype(np.float64),
+                                data_range=2.0)
+    assert float(1 - ssim_loss(pred, img)) == pytest.approx(ref, abs=1e-4)
+
+
+def test_psnr_matches_skimage_per_sample_and_on_a_stack():
+    target, pred = images(3, 16, seed=1), images(3, 16, seed=2)
+    per_sample = psnr(pred, target)
+    assert per_sample.shape == (3,)
+    for k in range(3):
+        ref = peak_signal_noise_ratio(target[k].numpy(), pred[k].numpy(), data_range=2)
+        assert float(per_sample[k]) == pytest.approx(ref, abs=1e-3)
+    stack_ref = peak_signal_noise_ratio(target[:, 0].numpy(), pred[:, 0].numpy(), data_range=2)
+    assert float(psnr(pred[:, 0], target[:, 0])) == pytest.approx(stack_ref, abs=1e-3)
+
+
+def test_ssim3d_is_skimage_on_the_3d_array():
+    rng = np.random.default_rng(0)
+    target = rng.uniform(-1, 1, (9, 20, 20)).astype(np.float32)
+    pred = np.clip(target + rng.normal(0, 0.2, target.shape), -1, 1).astype(np.float32)
+    ref = structural_similarity(target.astype(np.float64), pred.astype(np.float64), data_range=2.0)
+    assert ssim3d(pred, target) == pytest.approx(ref, abs=1e-9)
+    assert ssim3d(target, target) == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- perceptual
+def test_perceptual_loss_from_a_weights_file(vgg_file):
+    loss_fn = PerceptualLoss(weights_path=vgg_file)
+    target = images(2, 32)
+    pred = images(2, 32, seed=3).requires_grad_(True)
+    assert float(loss_fn(target.clone(), target)) == pytest.approx(0.0, abs=1e-8)
+    loss = loss_fn(pred, target)
+    assert loss > 0
+    loss.backward()
+    assert pred.grad is not None and pred.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in loss_fn.parameters())
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in loss_fn.vgg)
+
+
+def test_perceptual_loss_list_of_preds_is_the_sum_with_shared_target_features(vgg_file):
+    loss_fn = PerceptualLoss(weights_path=vgg_file)
+    target, pred_a, pred_b = images(2, 32), images(2, 32, seed=4), images(2, 32, seed=5)
+    feats = loss_fn.target_features(target)
+    together = loss_fn([pred_a, pred_b], feats)
+    assert float(together) == pytest.approx(float(loss_fn(pred_a, target) + loss_fn(pred_b, target)), rel=1e-5)
+
+
+def test_perceptual_loss_random_weights_only_when_asked():
+    with pytest.raises(ValueError, match="allow_random"):
+        PerceptualLoss(pretrained=False)
+    assert PerceptualLoss(pretrained=False, allow_random=True)(images(), images(seed=1)) > 0
+
+
+def test_missing_weights_name_the_file_and_the_fix(offline_hub, tmp_path):
+    with pytest.raises(MissingWeightsError) as err:
+        PerceptualLoss()
+    message = str(err.value)
+    assert "vgg19-dcbb9e9d.pth" in message and "https://download.pytorch.org/models/" in message
+    assert str(offline_hub / "checkpoints") in message and "train.vgg_weights" in message
+    assert "\n" not in message
+    with pytest.raises(MissingWeightsError, match="nope.pth"):
+        PerceptualLoss(weights_path=tmp_path / "nope.pth")
+
+
+# ----------------------------------------------------------------------------- LPIPS
+def test_lpips_from_a_weights_file(alexnet_file):
+    metric = LPIPSMetric.try_create(alexnet_file)
+    assert metric is not None
+    target, pred = images(3, 64), images(3, 64, seed=6)
+    same, diff = metric(target, target), metric(pred, target)
+    assert same.shape == diff.shape == (3,)
+    assert torch.allclose(same, torch.zeros(3), atol=1e-6) and (diff > 0).all()
+    total, mean = lpips_volume(metric, pred[:, 0].numpy(), target[:, 0].numpy(), batch=2)
+    assert total == pytest.approx(float(diff.sum()), rel=1e-5) and mean == pytest.approx(total / 3)
+
+
+def test_lpips_without_weights_is_none_with_one_warning(offline_hub, monkeypatch, caplog):
+    monkeypatch.setattr(metrics, "_lpips_warned", False)
+    with caplog.at_level(logging.WARNING, logger="vq.metrics"):
+        assert LPIPSMetric.try_create() is None
+        assert LPIPSMetric.try_create() is None
+    warned = [r for r in caplog.records if r.name == "vq.metrics"]
+    assert len(warned) == 1 and "alexnet-owt-7be5be79.pth" in warned[0].getMessage()
+
+
+# ----------------------------------------------------------------------------- consistency
+def test_consistency_mse_zero_for_equal_latents_and_foreground_only():
+    torch.manual_seed(0)
+    latent = torch.randn(2, 3, 8, 8, requires_grad=True)
+    img = torch.full((2, 1, 32, 32), -1.0)
+    img[:, :, 8:24, 8:24] = 0.5  # foreground = latent rows/cols 2..5
+    loss, parts = consistency_loss(latent, latent, img, img, contrast=False)
+    assert loss.item() == 0.0 and parts["contrast"].item() == 0.0
+
+    other = latent.detach() + 0.1 * torch.randn_like(latent)
+    base, _ = consistency_loss(latent, other, img, img, contrast=False)
+    other_bg = other.clone()
+    other_bg[:, :, :2] += 5.0  # background latent rows only
+    moved, _ = consistency_loss(latent, other_bg, img, img, contrast=False)
+    assert base.item() > 0 and moved.item() == pytest.approx(base.item())
+
+    empty = torch.full_like(img, -1.0)
+    assert consistency_loss(latent, other, empty, empty, contrast=True)[0].item() == 0.0
+
+
+def test_contrastive_term_prefers_aligned_latents():
+    torch.manual_seed(0)
+    latent_i = torch.randn(2, 3, 16, 16)
+    img = torch.zeros(2, 1, 64, 64)  # all foreground
+    aligned = latent_i + 0.01 * torch.randn_like(latent_i)
+    perm = torch.randperm(16 * 16)
+    shuffled = latent_i.flatten(2)[:, :, perm].view_as(latent_i)
+    _, parts_aligned = consistency_loss(latent_i, aligned, img, img, contrast=True)
+    _, parts_shuffled = consistency_loss(latent_i, shuffled, img, img, contrast=True)
+    assert 0 < parts_aligned["contrast"] < parts_shuffled["contrast"]
+
+
+def test_contrastive_gradient_reaches_both_latents():
+    torch.manual_seed(0)
+    latent_i = torch.randn(1, 3, 8, 8, requires_grad=True)
+    latent_j = torch.randn(1, 3, 8, 8, requires_grad=True)
+    img = torch.zeros(1, 1, 32, 32)
+    loss, _ = consistency_loss(latent_i, latent_j, img, img, contrast=True, max_positions=32)
+    loss.backward()
+    assert latent_i.grad.abs().sum() > 0 and latent_j.grad.abs().sum() > 0

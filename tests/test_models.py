@@ -1,0 +1,134 @@
+"""The network: quantizer loss and gradients, hyper-conv batching, model API, mixed precision."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vq.config import ModelConfig
+from vq.models import HyperConv2d, VectorQuantizer, build_model
+
+TINY = ModelConfig(base_channels=8, n_down=2, n_res=1, embed_dim=3, n_embed=16, n_kernels=4)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return build_model(TINY)
+
+
+def images(batch=2, size=32):
+    return torch.rand(batch, 1, size, size) * 2 - 1
+
+
+def test_straight_through_gradient_reaches_encoder(model):
+    out = model(images(), [0, 2])
+    out.mean().backward()  # decoder-side loss only, no VQ loss
+    grad = model.encoder.net[0][0].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_vq_loss_and_gradients_match_formula(legacy):
+    beta = 0.25
+    vq = VectorQuantizer(n_embed=2, embed_dim=2, beta=beta, legacy=legacy)
+    with torch.no_grad():
+        vq.embedding.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+    # two positions: (0.2, -0.1) -> code 0, (0.9, 1.3) -> code 1
+    z_e = torch.tensor([[0.2, 0.9], [-0.1, 1.3]]).view(1, 2, 1, 2).requires_grad_()
+    out = vq(z_e)
+    z_q = torch.tensor([[0.0, 1.0], [0.0, 1.0]]).view(1, 2, 1, 2)
+    assert out.indices.flatten().tolist() == [0, 1]
+    assert torch.equal(out.quantized, z_q)
+    mse = ((z_e.detach() - z_q) ** 2).mean()
+    torch.testing.assert_close(out.loss, (1 + beta) * mse)  # both forms have the same value ...
+    out.loss.backward()  # ... and differ in where beta sits
+    w_commit, w_codebook = (1.0, beta) if legacy else (beta, 1.0)
+    n = z_e.numel()
+    torch.testing.assert_close(z_e.grad, w_commit * 2 * (z_e.detach() - z_q) / n)
+    # codebook gradient: sum over the positions assigned to each code
+    diff = (z_q - z_e.detach()).view(2, 2).t()  # (positions, D)
+    torch.testing.assert_close(vq.embedding.weight.grad, w_codebook * 2 * diff / n)
+
+
+def test_hyperconv_one_hot_equals_conv_with_hand_mixed_kernel():
+    torch.manual_seed(0)
+    conv = HyperConv2d(3, 5, 3, code_dim=8, n_kernels=4)
+    x, code = torch.randn(2, 3, 6, 6), F.one_hot(torch.tensor([2, 2]), 8).float()
+    coeffs = conv.mix.weight[:, 2] + conv.mix.bias  # (n_kernels,)
+    weight = (coeffs.view(4, 1, 1, 1, 1) * conv.weight).sum(0)
+    bias = (coeffs.view(4, 1) * conv.bias).sum(0)
+    expected = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), weight, bias)
+    torch.testing.assert_close(conv(x, code), expected)
+
+
+def test_hyperconv_mixed_codes_equal_each_sample_alone():
+    torch.manual_seed(0)
+    conv = HyperConv2d(3, 4, 3, code_dim=8, n_kernels=4)
+    x = torch.randn(5, 3, 6, 6)
+    code = torch.cat([F.one_hot(torch.tensor([1, 0, 1]), 8).float(), torch.rand(2, 8)])  # 4 distinct rows
+    alone = torch.cat([conv(x[i:i + 1], code[i:i + 1]) for i in range(5)])
+    torch.testing.assert_close(conv(x, code), alone)
+
+
+def test_model_mixed_targets_equal_each_sample_alone(model):
+    x = images(4)
+    targets = [0, 3, 0, 2]
+    with torch.no_grad():
+        batched = model(x, targets)
+        alone = torch.cat([model(x[i:i + 1], t) for i, t in enumerate(targets)])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_decode_shape_and_range(model):
+    x = images(3) * 50  # large inputs push tanh towards saturation
+    enc = model.encode(x)
+    assert enc.latent.shape == (3, TINY.embed_dim, 8, 8)
+    assert enc.indices.shape == (3, 8, 8) and enc.loss_vq.ndim == 0
+    out = model.decode(enc.latent, "flair")
+    assert out.shape == x.shape
+    assert out.abs().max() <= 1
+    # codes: int, per-sample list, float codes all give (B, code_dim)
+    assert model.target_code(1, 3).shape == (3, TINY.code_dim)
+    assert torch.equal(model.target_code(torch.tensor([1, 1, 1])), model.target_code(1, 3))
+    with pytest.raises(ValueError):
+        model.target_code([0, 4])
+
+
+def test_random_code_is_one_hot_or_uniform_on_sequences(model):
+    codes = model.random_code(64, generator=torch.Generator().manual_seed(0))
+    assert codes.shape == (64, TINY.code_dim) and (codes[:, 4:] == 0).all()
+    one_hot = (codes[:, :4] == 1).sum(1) == 1
+    assert 10 < one_hot.sum() < 54  # about half are one-hot, the rest uniform mixtures
+    assert model.decode(model.encode(images(64, 16)).latent, codes).shape == (64, 1, 16, 16)
+
+
+def test_seq2seq_ablation_has_no_quantizer():
+    model = build_model(dataclasses.replace(TINY, quantize=False))
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("quant" in n for n in names)
+    enc = model.encode(images())
+    assert enc.indices is None and enc.loss_vq.item() == 0
+    assert enc.latent.shape == (2, 4 * TINY.base_channels, 8, 8)
+    assert model(images(), 1).shape == (2, 1, 32, 32)
+
+
+def test_codebook_usage_perplexity():
+    vq = VectorQuantizer(n_embed=8, embed_dim=2)
+    uniform = vq.codebook_usage(torch.arange(8).repeat(10))
+    assert uniform["perplexity"] == pytest.approx(8) and uniform["usage"] == 1
+    collapsed = vq.codebook_usage(torch.full((80,), 3))
+    assert collapsed["perplexity"] == pytest.approx(1) and collapsed["usage"] == 1 / 8
+
+
+def test_bf16_autocast_forward_keeps_quantizer_in_fp32(model):
+    dtypes = []
+    distances = model.quantizer.distances
+    model.quantizer.distances = lambda z: dtypes.append((d := distances(z)).dtype) or d
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        enc = model.encode(images())
+        out = model.decode(enc.latent, [1, 3])
+    assert enc.pre_quant.dtype == torch.bfloat16  # autocast is really on upstream
+    assert dtypes == [torch.float32] and enc.latent.dtype == torch.float32
+    assert enc.loss_vq.dtype == torch.float32
+    assert out.shape == (2, 1, 32, 32) and torch.isfinite(out).all()
