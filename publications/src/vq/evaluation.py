@@ -91,8 +91,8 @@ def translations_for(code: int, multi_step: list[list[str]]) -> list[Translation
 
 def score(pred: torch.Tensor, target: torch.Tensor, lpips: LPIPSMetric | None) -> dict[str, float]:
     """PSNR/SSIM (data range 2) on the whole stack; LPIPS per slice, summed and averaged."""
-    row = {"psnr": float(psnr(pred, target)),
-           "ssim": ssim3d(pred[:, 0].cpu().numpy(), target[:, 0].cpu().numpy()),
+    pred, target = pred[:, 0], target[:, 0]  # (S,1,H,W) -> (S,H,W): one 3D stack, one value per metric
+    row = {"psnr": float(psnr(pred, target)), "ssim": ssim3d(pred.cpu().numpy(), target.cpu().numpy()),
            "lpips": math.nan, "lpips_mean": math.nan}
     if lpips is not None:
         row["lpips"], row["lpips_mean"] = lpips_volume(lpips, pred, target)
@@ -118,7 +118,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         groups[(row["method"], steps, row["src"], row["tgt"])].append(row)
     out = []
     for (method, steps, src, tgt), members in sorted(groups.items(), key=lambda kv: (
-            kv[0][0] != "model", kv[0][1], SEQUENCES.index(kv[0][2]), SEQUENCES.index(kv[0][3]))):
+            kv[0][0] != "model", kv[0][1] != "single", SEQUENCES.index(kv[0][2]), SEQUENCES.index(kv[0][3]))):
         entry = {"method": method, "steps": steps, "src": src, "tgt": tgt, "n": len(members)}
         for key in ("psnr", "ssim", "lpips"):
             values = np.array([m[key] for m in members], dtype=float)

@@ -118,8 +118,8 @@ class Recipe(nn.Module):
             loss = loss + cfg.lambda_con * con
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss ({ {k: float(v) for k, v in parts.items()} })")
-        stats = {k: float(v) for k, v in parts.items()}
-        stats["loss"] = float(loss)
+        stats = {k: float(v.detach()) for k, v in parts.items()}
+        stats["loss"] = float(loss.detach())
         if enc.indices is not None:
             stats.update(model.quantizer.codebook_usage(enc.indices))
         return loss, stats
@@ -159,6 +159,6 @@ def validate(model: nn.Module, stacks: dict[str, dict[int, torch.Tensor]], devic
             for t, tgt in seqs.items():
                 if s != t:
                     pred = translate(model, src, t, batch_size, amp)
-                    values.append(float(psnr(pred, tgt.to(device))))
+                    values.append(float(psnr(pred[:, 0], tgt[:, 0].to(device))))  # one value per stack
     model.train(was_training)
     return {"psnr": sum(values) / len(values) if values else math.nan, "n_pairs": len(values)}

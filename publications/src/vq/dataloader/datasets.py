@@ -89,7 +89,9 @@ def make_train_loader(cfg: Config, cache: SliceCache, subjects: list[tuple[str, 
     workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_workers()
     log.info("training pairs: %d subjects, %d items per epoch, %d loader workers",
              len(dataset.subjects), len(dataset), workers)
+    # Own generator: creating an iterator must not draw from the global RNG (resume reproducibility).
     return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
+                      generator=torch.Generator().manual_seed(seed),
                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, drop_last=True)
 
 

@@ -30,7 +30,7 @@ from vq.losses import PerceptualLoss
 from vq.models import build_model
 from vq.nifti import NiftiError
 from vq.runtime import DeviceError, amp_dtype, cpu_name, resolve_device, rng_state, seed_everything, set_rng_state
-from vq.sequences import available
+from vq.sequences import N_SEQ, available
 from vq.training import Recipe, make_optimizer, poly_lr, translate, validate
 from vq.viz import plot_progress, sample_grid, save_png
 from vq.weights import MissingWeightsError
@@ -82,8 +82,6 @@ def train(args) -> int:
         if (run_dir / "ckpt_last.pth").exists() or (run_dir / "config.yaml").exists():
             raise FileExistsError(f"run folder {run_dir} already holds a run; continue it with --resume {run_dir} "
                                   "or choose another folder with --set out_dir=...")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
     device = resolve_device(args.device)
     amp = amp_dtype(device, cfg.train.amp)
     seed_everything(cfg.seed)
@@ -96,8 +94,12 @@ def train(args) -> int:
     valid_rows = read_list(lists / "valid.csv")
     cache = SliceCache(resolve_path(cfg.data.cache_dir), root, cfg.data)
     cache.ensure([n for n, _ in valid_rows])
-    valid = {name: {s: load_eval_stack(cache, name, s, cfg.train.val_slices) for s in available(code)}
-             for name, code in valid_rows}
+    valid_seqs = {name: available(code) for name, code in valid_rows}
+    if all(len(seqs) < 2 for seqs in valid_seqs.values()):
+        log.warning("no valid subject has two available sequences; validating on all four sequences instead")
+        valid_seqs = {name: list(range(N_SEQ)) for name in valid_seqs}
+    valid = {name: {s: load_eval_stack(cache, name, s, cfg.train.val_slices) for s in seqs}
+             for name, seqs in valid_seqs.items()}
     loader = make_train_loader(cfg, cache, train_rows, seed=cfg.seed)
 
     # --- model, loss, optimizer ---
@@ -109,7 +111,10 @@ def train(args) -> int:
         log.info("initial weights from %s", args.load)
     perceptual = None
     if cfg.train.lambda_per > 0:
-        perceptual = PerceptualLoss(weights_path=cfg.train.vgg_weights).to(device)
+        try:
+            perceptual = PerceptualLoss(weights_path=cfg.train.vgg_weights).to(device)
+        except MissingWeightsError as err:
+            raise MissingWeightsError(f"{err}; or train without the perceptual loss: --set train.lambda_per=0") from None
     recipe = Recipe(model, cfg, perceptual)
     step_fn = torch.compile(recipe) if cfg.train.compile else recipe
     optimizer = make_optimizer(model, cfg)
@@ -117,6 +122,9 @@ def train(args) -> int:
     log.info("model %s: %.2f M parameters; %d train / %d valid subjects",
              type(model).__name__, n_params / 1e6, len(train_rows), len(valid_rows))
 
+    # Everything checked: only now does the run folder get written to.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
     epoch, step, best = 0, 0, float("-inf")
     if args.resume:
         state = read_checkpoint(run_dir / "ckpt_last.pth")
@@ -150,14 +158,13 @@ def train(args) -> int:
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     model.train()
-    steps_per_epoch = len(loader)
+    steps_per_epoch = loader.sampler.batches_per_epoch
     try:
         while epoch < cfg.train.epochs and step < cfg.train.max_steps:
             lr = poly_lr(cfg, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loader.sampler.set_epoch(epoch, start=step - epoch * steps_per_epoch if args.resume else 0)
-            args.resume = None  # only the first resumed epoch starts mid-way
+            loader.sampler.set_epoch(epoch, start=step - epoch * steps_per_epoch)  # > 0 only when resumed mid-epoch
             bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
             tic = time.perf_counter()
             for batch in bar:
@@ -186,8 +193,8 @@ def train(args) -> int:
                     break
             else:
                 epoch += 1
-            end_of_epoch = step - epoch * steps_per_epoch == 0 or step >= cfg.train.max_steps
-            if end_of_epoch and (epoch % cfg.train.val_every == 0 or step >= cfg.train.max_steps):
+            finished = epoch >= cfg.train.epochs or step >= cfg.train.max_steps
+            if epoch % cfg.train.val_every == 0 or finished:
                 metrics = validate(model, valid, device, cfg.test.batch_size, amp)
                 log_csv.writerow({"step": step, "epoch": epoch, "lr": lr, "val_psnr": metrics["psnr"]})
                 writer.add_scalar("valid/psnr", metrics["psnr"], step)
@@ -199,7 +206,7 @@ def train(args) -> int:
                 grid = sample_grid_for(model, valid, device, amp, f"epoch {epoch}, step {step}")
                 save_png(grid, run_dir / "samples" / f"epoch_{epoch:04d}.png")
                 writer.add_image("valid/samples", grid, step, dataformats="HWC")
-            checkpoint("ckpt_last.pth", finished=epoch >= cfg.train.epochs or step >= cfg.train.max_steps)
+            checkpoint("ckpt_last.pth", finished=finished)
             log_file.flush()
             plot_progress(log_path, run_dir / "progress.png")
     except Stop as reason:

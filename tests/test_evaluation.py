@@ -1,0 +1,309 @@
+"""The evaluation protocol (test script), its tables, and the synthesis tool, on the phantom and a tiny trained model."""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import urllib.error
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import CONFIGS
+from vq import metrics
+from vq.checkpoint import load_model_weights, read_checkpoint
+from vq.config import load_config
+from vq.dataloader.brats import SliceCache
+from vq.dataloader.datasets import load_eval_stack
+from vq.dataloader.lists import read_list, write_list
+from vq.dataloader.preprocess import normalize
+from vq.evaluation import METRIC_COLUMNS, SUMMARY_COLUMNS, Translation, Translator, summarize, \
+    summary_markdown, translations_for, write_summary
+from vq.models import build_model
+from vq.nifti import to_intensity
+from vq.runtime import amp_dtype
+from vq.sequences import SEQUENCES, available, code_of, missing
+from vq.test.test_brats_vq_2d_metrics import main as evaluate_main, save_prediction
+from vq.tools.synthesize import main as synthesize_main
+
+CONFIG = CONFIGS / "demo_phantom_cpu.yaml"
+MULTI_STEP = [["t1", "t1ce", "t2"], ["t1", "t1ce", "t2", "flair"]]
+
+
+def read_csv(path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def canonical(path) -> np.ndarray:
+    """A NIfTI file's data in RAS+ voxel order, by nibabel alone."""
+    return nib.as_closest_canonical(nib.load(str(path))).get_fdata(dtype=np.float32)
+
+
+def crop_box(cfg, shape) -> tuple[slice, slice, slice]:
+    """The (X, Y, Z) region of a RAS+ grid that the test stacks cover: centre crop, central slices."""
+    (x, y, z), crop, n = shape, cfg.data.crop, cfg.data.n_slices
+    return slice((x - crop) // 2, (x + crop) // 2), slice((y - crop) // 2, (y + crop) // 2), \
+        slice((z - n) // 2, (z - n) // 2 + n)
+
+
+def expected_rows(subjects, multi_step) -> tuple[list[tuple], list[tuple]]:
+    """(name, src, tgt, steps) of the single-step and the multi-step rows, from the list codes alone."""
+    single = [(name, SEQUENCES[s], SEQUENCES[t], f"{s}>{t}")
+              for name, code in subjects for s in available(code) for t in missing(code)]
+    multi = [(name, SEQUENCES[tr.src], SEQUENCES[tr.tgt], tr.steps)
+             for name, code in subjects for tr in translations_for(code, multi_step) if tr.multi]
+    return single, multi
+
+
+def keys(rows) -> list[tuple]:
+    return sorted((r["name"], r["src"], r["tgt"], r["steps"]) for r in rows)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty torch hub cache, no network, and the once-per-process LPIPS warning not yet given."""
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("no network in tests")))
+    monkeypatch.setattr(metrics, "_lpips_warned", False)
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_run, phantom_dir, alexnet_weights_file, tmp_path_factory):
+    """The test script run once with LPIPS weights, on the test subjects recoded so that multi-step rows occur."""
+    overrides, run_dir = trained_run
+    work = tmp_path_factory.mktemp("evaluated")
+    (a, _), (b, _) = read_list(phantom_dir / "test.csv")
+    # t1 only: 3 single + 2 multi-step rows; t1 and flair: 4 single + the 0>1>2 path
+    write_list(work / "lists" / "test.csv", [(a, code_of([0])), (b, code_of([0, 3]))])
+    overrides = overrides + [f"data.lists={work / 'lists'}"]
+    out = work / "results"
+    code = evaluate_main(["-d", "cpu", "-c", str(CONFIG), "-l", str(run_dir / "ckpt_best.pth"), "-o", str(out),
+                          "--lpips-weights", str(alexnet_weights_file), "--set", *overrides])
+    cfg = load_config(CONFIG, overrides)
+    return code, out, cfg, run_dir
+
+
+# ----------------------------------------------------------------------------- the test script
+def test_script_writes_a_row_per_translation_and_the_summary(evaluated):
+    code, out, cfg, _ = evaluated
+    assert code == 0
+    subjects = read_list(cfg.lists_dir / "test.csv")
+    single, multi = expected_rows(subjects, cfg.test.multi_step)
+    assert multi, "the recoded list must give multi-step rows"
+
+    header, rows = read_csv(out / "result_metrics.csv")
+    assert header == METRIC_COLUMNS == ["name", "src", "tgt", "psnr", "ssim", "lpips", "steps", "lpips_mean"]
+    assert keys(rows) == sorted(single + multi)
+    header, baseline = read_csv(out / "baseline_metrics.csv")
+    assert header == METRIC_COLUMNS and keys(baseline) == sorted(single)
+    for row in rows + baseline:
+        assert math.isfinite(float(row["psnr"])) and -1 < float(row["ssim"]) <= 1
+        # lpips is the per-volume sum over the n_slices slices, lpips_mean the per-slice mean
+        assert float(row["lpips"]) == pytest.approx(float(row["lpips_mean"]) * cfg.data.n_slices, rel=1e-4)
+        assert float(row["lpips_mean"]) > 0
+
+    header, summary = read_csv(out / "summary.csv")
+    assert header == SUMMARY_COLUMNS
+    groups = {(s["method"], s["steps"], s["src"], s["tgt"]): int(s["n"]) for s in summary}
+    assert sum(n for (method, *_), n in groups.items() if method == "model") == len(rows)
+    assert sum(n for (method, *_), n in groups.items() if method == "copy_source") == len(baseline)
+    assert {steps for (method, steps, *_) in groups if method == "model"} == {"single", "multiple"}
+    table = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("|")]
+    assert table[0].startswith("| step | method |") and set(table[1]) == set("|-")
+    assert len(table) == 2 + 3  # single model, single copy_source, multiple model
+
+
+def test_predictions_are_written_in_the_source_geometry(evaluated, phantom_dir):
+    _, out, cfg, run_dir = evaluated
+    _, rows = read_csv(out / "result_metrics.csv")
+    written = sorted((out / "nifti").rglob("*.nii.gz"))
+    assert len(written) == len(rows)
+    model = build_model(cfg.model)
+    load_model_weights(model, read_checkpoint(run_dir / "ckpt_best.pth"), run_dir / "ckpt_best.pth")
+    cpu = torch.device("cpu")
+    translator = Translator(model, cpu, amp_dtype(cpu, cfg.train.amp), cfg.test.batch_size)  # as the script
+    cache = SliceCache(cfg.data.cache_dir, phantom_dir, cfg.data)
+    for row in rows:
+        path_ids = [int(i) for i in row["steps"].split(">")]
+        via = "_via_" + "_".join(SEQUENCES[i] for i in path_ids[1:-1]) if len(path_ids) > 2 else ""
+        name = row["name"]
+        file = out / "nifti" / name / f"{name}_{row['tgt']}_from_{row['src']}{via}.nii.gz"
+        source = nib.load(str(phantom_dir / name / f"{name}_{row['src']}.nii.gz"))
+        image = nib.load(str(file))
+        assert image.shape == source.shape == (240, 240, 155), file
+        assert np.allclose(image.affine, source.affine), file
+
+        data = canonical(file)
+        box = crop_box(cfg, data.shape)
+        pred = translator.translate(load_eval_stack(cache, name, path_ids[0]), path_ids)  # (S, 1, crop, crop)
+        assert np.allclose(data[box], to_intensity(pred[:, 0].numpy()).transpose(1, 2, 0), atol=1e-5), file
+        assert data[box].std() > 0
+        data[box] = 0
+        assert not data.any(), f"{file}: values outside the evaluated region"
+
+
+def test_a_pasted_source_overlays_the_source_file(trained_run, phantom_dir, tmp_path):
+    """Geometry alone, whatever the model: the source's own test stack written back matches the source file."""
+    overrides, _ = trained_run
+    cfg = load_config(CONFIG, overrides)
+    name, _ = read_list(phantom_dir / "test.csv")[0]
+    cache = SliceCache(cfg.data.cache_dir, phantom_dir, cfg.data)
+    cache.ensure({name: ["t2"]})
+    path = save_prediction(load_eval_stack(cache, name, 2), phantom_dir, name, Translation(2, 0, [2, 0]), cfg,
+                           tmp_path)
+    assert path.name == f"{name}_t1_from_t2.nii.gz"
+    source_file = phantom_dir / name / f"{name}_t2.nii.gz"
+    assert np.allclose(nib.load(str(path)).affine, nib.load(str(source_file)).affine)
+    written, source = canonical(path), canonical(source_file)
+    box = crop_box(cfg, source.shape)
+    expected = to_intensity(normalize(source, cfg.data.percentile))
+    assert np.abs(written[box] - expected[box]).max() < 1e-3  # float16 cache
+    assert (written[box] > 0).sum() > 0.2 * written[box].size  # the box holds brain, not background
+
+
+def test_lpips_without_weights_leaves_empty_cells_and_warns_once(trained_run, offline_hub, tmp_path, caplog):
+    overrides, run_dir = trained_run
+    with caplog.at_level(logging.WARNING):
+        code = evaluate_main(["-d", "cpu", "-c", str(CONFIG), "-l", str(run_dir / "ckpt_best.pth"),
+                              "-o", str(tmp_path / "out"), "--list", "valid.csv",
+                              "--set", *overrides, "test.save_nifti=false"])
+    assert code == 0
+    for table in ("result_metrics.csv", "baseline_metrics.csv"):
+        _, rows = read_csv(tmp_path / "out" / table)
+        assert rows and all(r["lpips"] == "" and r["lpips_mean"] == "" and r["psnr"] for r in rows)
+    _, summary = read_csv(tmp_path / "out" / "summary.csv")
+    assert all(s["lpips"] == "" and s["lpips_std"] == "" for s in summary)
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING and "alexnet" in r.getMessage().lower()]
+    assert len(warned) == 1 and "\n" not in warned[0].getMessage()
+    assert not (tmp_path / "out" / "nifti").exists()
+
+
+def test_results_are_not_overwritten_without_flag(evaluated, caplog):
+    _, out, cfg, run_dir = evaluated
+    before = (out / "result_metrics.csv").stat().st_mtime_ns
+    with caplog.at_level(logging.ERROR):
+        code = evaluate_main(["-d", "cpu", "-c", str(CONFIG), "-l", str(run_dir / "ckpt_best.pth"), "-o", str(out)])
+    assert code != 0
+    assert any(str(out) in r.getMessage() and "--overwrite" in r.getMessage() for r in caplog.records)
+    assert (out / "result_metrics.csv").stat().st_mtime_ns == before
+
+
+# ----------------------------------------------------------------------------- translations and tables
+def test_translations_single_and_multi_step():
+    found = translations_for(code_of([0]), MULTI_STEP)
+    assert [t.steps for t in found if not t.multi] == ["0>1", "0>2", "0>3"]
+    assert [t.steps for t in found if t.multi] == ["0>1>2", "0>1>2>3"]
+    assert [(t.src, t.tgt) for t in found if t.multi] == [(0, 2), (0, 3)]
+    # a path whose start is missing, or whose end is available, is not evaluated
+    assert not [t for t in translations_for(code_of([1]), MULTI_STEP) if t.multi]
+    assert [t.steps for t in translations_for(code_of([0, 2]), MULTI_STEP) if t.multi] == ["0>1>2>3"]
+
+
+def test_translator_multi_step_is_decoding_twice(trained_run):
+    overrides, _ = trained_run
+    torch.manual_seed(0)
+    model = build_model(load_config(CONFIG, overrides).model).eval()
+    stack = torch.rand(5, 1, 32, 32) * 2 - 1
+    got = Translator(model, torch.device("cpu"), None, batch_size=3).translate(stack, [0, 1, 2])  # chunks 3 + 2
+    with torch.no_grad():
+        by_hand = model.decode(model.encode(model.decode(model.encode(stack).latent, 1)).latent, 2)
+    assert got.shape == (5, 1, 32, 32)
+    assert torch.allclose(got, by_hand, atol=1e-5)
+
+
+def test_summary_means_stds_and_table():
+    def row(method, steps, name, psnr, ssim, lpips):
+        src, tgt = (SEQUENCES[int(steps[0])], SEQUENCES[int(steps[-1])])
+        return {"method": method, "steps": steps, "name": name, "src": src, "tgt": tgt,
+                "psnr": psnr, "ssim": ssim, "lpips": lpips}
+
+    rows = [row("model", "0>2", "a", 20.0, 0.8, 8.0), row("model", "0>2", "b", 24.0, 0.9, 10.0),
+            row("model", "0>1>2", "a", 30.0, 0.7, 6.0),
+            row("copy_source", "0>2", "a", 10.0, 0.5, math.nan), row("copy_source", "0>2", "b", 12.0, 0.3, math.nan)]
+    summary = summarize(rows)
+    by_key = {(e["method"], e["steps"]): e for e in summary}
+    assert [(e["method"], e["steps"]) for e in summary] == [("model", "single"), ("model", "multiple"),
+                                                            ("copy_source", "single")]
+    single = by_key["model", "single"]
+    assert (single["src"], single["tgt"], single["n"]) == ("t1", "t2", 2)
+    assert single["psnr"] == pytest.approx(22.0) and single["psnr_std"] == pytest.approx(2.0)
+    assert single["ssim"] == pytest.approx(0.85) and single["lpips"] == pytest.approx(9.0)
+    assert by_key["model", "multiple"]["n"] == 1 and by_key["model", "multiple"]["psnr"] == 30.0
+    copy = by_key["copy_source", "single"]
+    assert copy["psnr"] == pytest.approx(11.0) and math.isnan(copy["lpips"])
+
+    table = summary_markdown(summary).splitlines()
+    assert "T1->T2 PSNR / SSIM / LPIPS" in table[0]
+    assert table[2] == "| single | model | 22.0 / 0.850 / 9.00 (n=2) |"
+    assert table[3] == "| single | copy_source | 11.0 / 0.400 / n/a (n=2) |"
+    assert table[4] == "| multiple | model | 30.0 / 0.700 / 6.00 (n=1) |"
+
+
+def test_summary_csv_leaves_missing_lpips_empty(tmp_path):
+    rows = [{"method": "copy_source", "steps": "0>2", "src": "t1", "tgt": "t2", "psnr": 10.0, "ssim": 0.5,
+             "lpips": math.nan}]
+    write_summary(summarize(rows), tmp_path / "summary.csv", tmp_path / "summary.md")
+    header, (entry,) = read_csv(tmp_path / "summary.csv")
+    assert header == SUMMARY_COLUMNS
+    assert entry["psnr"] == "10" and entry["lpips"] == "" and entry["lpips_std"] == ""
+    assert (tmp_path / "summary.md").read_text().startswith("| step | method |")
+
+
+# ----------------------------------------------------------------------------- synthesis
+@pytest.fixture(scope="module")
+def small_scans(phantom_dir, tmp_path_factory):
+    """t1 and t2 of a phantom subject cut to an odd-sized block (not a multiple of 4), and t1 reoriented."""
+    name, _ = read_list(phantom_dir / "test.csv")[0]
+    folder = tmp_path_factory.mktemp("scans")
+    files = {}
+    for seq in ("t1", "t2"):
+        block = nib.load(str(phantom_dir / name / f"{name}_{seq}.nii.gz")).slicer[80:160, 64:174, 70:91]
+        files[seq] = folder / f"{seq}.nii.gz"
+        nib.save(block, str(files[seq]))
+    # voxel axes permuted and flipped: (L, P, S) storage -> (A, R, I); the affine follows
+    t1 = nib.load(str(files["t1"]))
+    reoriented = t1.as_reoriented(np.array([[1, -1], [0, -1], [2, -1]]))
+    files["t1_reoriented"] = folder / "t1_reoriented.nii.gz"
+    nib.save(reoriented, str(files["t1_reoriented"]))
+    assert reoriented.shape == (110, 80, 21) and not np.allclose(reoriented.affine, t1.affine)
+    return files
+
+
+def synthesize(trained_run, out, *args) -> int:
+    overrides, run_dir = trained_run
+    return synthesize_main(["-d", "cpu", "-c", str(CONFIG), "-l", str(run_dir / "ckpt_best.pth"), "-o", str(out),
+                            *args, "--set", *overrides])
+
+
+def test_synthesize_two_sources_fused_and_uncertainty(trained_run, small_scans, tmp_path):
+    code = synthesize(trained_run, tmp_path, "--src", "t1", str(small_scans["t1"]), "--src", "t2",
+                      str(small_scans["t2"]), "--tgt", "t1ce", "flair", "--samples", "2")
+    assert code == 0
+    source = nib.load(str(small_scans["t1"]))
+    for tgt in ("t1ce", "flair"):
+        outputs = {kind: nib.load(str(tmp_path / f"{tgt}_{kind}.nii.gz"))
+                   for kind in ("from_t1", "from_t2", "fused", "mean", "std")}
+        for kind, image in outputs.items():
+            assert image.shape == source.shape == (80, 110, 21), (tgt, kind)
+            assert np.allclose(image.affine, source.affine), (tgt, kind)
+            data = image.get_fdata()
+            assert 0 <= data.min() and data.max() <= 1 and data.std() > 0, (tgt, kind)
+        assert not np.allclose(outputs["fused"].get_fdata(), outputs["from_t1"].get_fdata())
+
+
+def test_synthesize_keeps_any_orientation(trained_run, small_scans, tmp_path):
+    assert synthesize(trained_run, tmp_path / "plain", "--src", "t1", str(small_scans["t1"]), "--tgt", "flair") == 0
+    assert synthesize(trained_run, tmp_path / "turned", "--src", "t1", str(small_scans["t1_reoriented"]),
+                      "--tgt", "flair") == 0
+    turned_in, turned_out = (nib.load(str(small_scans["t1_reoriented"])),
+                             nib.load(str(tmp_path / "turned" / "flair_from_t1.nii.gz")))
+    assert turned_out.shape == turned_in.shape and np.allclose(turned_out.affine, turned_in.affine)
+    plain, turned = canonical(tmp_path / "plain" / "flair_from_t1.nii.gz"), canonical(tmp_path / "turned" /
+                                                                                     "flair_from_t1.nii.gz")
+    assert plain.shape == turned.shape and plain.std() > 0
+    assert np.allclose(plain, turned, atol=1e-5)

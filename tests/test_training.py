@@ -1,0 +1,132 @@
+"""The training recipe and script: learning happens, resume is exact, configs and errors behave."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from conftest import CONFIGS, tiny_overrides
+from vq.config import load_config
+from vq.dataloader.brats import SliceCache
+from vq.dataloader.datasets import load_eval_stack
+from vq.dataloader.lists import read_list
+from vq.models import build_model
+from vq.sequences import train_pair
+from vq.train.train_brats_vq_seq2seq_2d import main as train_main
+from vq.training import Phase, Recipe, make_optimizer, poly_lr
+
+ABLATIONS = ["seq2seq_brats_2d_missing_3", "vq_brats_2d_missing_3_256", "vqcon_brats_2d_missing_3_256",
+             "vqseq2seq_brats_2d_missing_3_256", "vqseq2seq_noaug_brats_2d_missing_3_256"]
+
+
+def read_log(run_dir) -> dict[int, dict]:
+    with open(run_dir / "log.csv", newline="") as f:
+        return {int(r["step"]): r for r in csv.DictReader(f) if r["loss"]}
+
+
+def test_a_few_hundred_steps_reduce_the_reconstruction_loss(phantom_dir, tmp_path):
+    cfg = load_config(CONFIGS / "demo_phantom_cpu.yaml", tiny_overrides(phantom_dir, tmp_path) + [
+        "model.base_channels=8", "train.lr=2e-3", "data.augment=false"])
+    name, code = read_list(phantom_dir / "train.csv")[0]
+    cache = SliceCache(tmp_path / "cache", phantom_dir, cfg.data)
+    i, j = train_pair(code)
+    cache.ensure({name: [i, j]})
+    mid = slice(7, 9)  # two central slices, centre crop 64
+    src, tgt = load_eval_stack(cache, name, i)[mid], load_eval_stack(cache, name, j)[mid]
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    recipe, opt = Recipe(model, cfg, perceptual=None), make_optimizer(model, cfg)
+    idx_i, idx_j = torch.full((2,), i), torch.full((2,), j)
+    l1 = []
+    for _ in range(200):
+        loss, stats = recipe(src, tgt, idx_i, idx_j, epoch=0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        l1.append(stats["l1"])
+    first, last = sum(l1[:10]) / 10, sum(l1[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
+
+
+def test_phases_and_schedule_follow_the_config():
+    cfg = load_config(CONFIGS / "vqseq2seq_brats_2d_missing_3_256.yaml")
+    assert Phase.at(cfg, 99) == Phase(contrast=False, sampling=False, domain_aug=False)
+    assert Phase.at(cfg, 100) == Phase(contrast=True, sampling=False, domain_aug=False)
+    assert Phase.at(cfg, 200) == Phase(contrast=True, sampling=True, domain_aug=True)
+    assert poly_lr(cfg, 0) == pytest.approx(1e-4)
+    assert poly_lr(cfg, 500) == pytest.approx(1e-6 + (1e-4 - 1e-6) * 0.5 ** 0.9)
+    seq2seq = load_config(CONFIGS / "seq2seq_brats_2d_missing_3.yaml")
+    assert Phase.at(seq2seq, 500) == Phase(contrast=False, sampling=False, domain_aug=False)
+    assert not seq2seq.model.quantize
+
+
+def test_paper_config_builds_the_model_of_the_stated_size():
+    cfg = load_config(CONFIGS / "vqseq2seq_brats_2d_missing_3_256.yaml")
+    model = build_model(cfg.model)
+    assert model.quantizer.embedding.weight.shape == (256, 3)
+    assert sum(p.numel() for p in model.encoder.parameters()) == pytest.approx(7.45e6, rel=0.01)
+    with torch.no_grad():
+        enc = model.encode(torch.zeros(1, 1, 64, 64))
+    assert enc.latent.shape == (1, 3, 16, 16)
+
+
+def test_resume_gives_the_same_next_steps_as_not_stopping(trained_run, phantom_dir, tmp_path):
+    base = ["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set",
+            *tiny_overrides(phantom_dir, tmp_path), "train.pretrain_epochs_contrast=0",
+            "train.pretrain_epochs_rand=1"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert train_main(base + [f"out_dir={whole}", "train.max_steps=7"]) == 0
+    assert train_main(base + [f"out_dir={part}", "train.max_steps=4"]) == 0  # stops mid-epoch 1
+    assert train_main(["-d", "cpu", "--resume", str(part), "--set", "train.max_steps=7"]) == 0
+    ref, resumed = read_log(whole), read_log(part)
+    assert sorted(resumed) == sorted(ref) == list(range(1, 8))
+    for step in (5, 6, 7):
+        assert float(resumed[step]["loss"]) == pytest.approx(float(ref[step]["loss"]), rel=1e-5), step
+    assert (part / "ckpt_best.pth").is_file() and (part / "progress.png").is_file()
+    assert list((part / "samples").glob("*.png")) and list((part / "tensorboard").iterdir())
+
+
+@pytest.mark.parametrize("name", ABLATIONS)
+def test_each_table1_config_runs_a_few_steps(name, phantom_dir, tmp_path, vgg_weights_file):
+    code = train_main(["-d", "cpu", "-c", str(CONFIGS / f"{name}.yaml"), "--set",
+                       *tiny_overrides(phantom_dir, tmp_path), "train.lambda_per=0.1",
+                       f"train.vgg_weights={vgg_weights_file}", "train.max_steps=2",
+                       "train.pretrain_epochs_contrast=0", "train.pretrain_epochs_rand=0"])
+    assert code == 0
+    row = read_log(tmp_path / "run")[2]
+    assert float(row["per"]) > 0
+    assert (row["vq"] == "") == (name == "seq2seq_brats_2d_missing_3")
+
+
+def test_an_existing_run_is_refused_without_resume(trained_run, caplog):
+    overrides, run_dir = trained_run
+    code = train_main(["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set", *overrides])
+    assert code == 2
+    assert f"--resume {run_dir}" in caplog.text
+
+
+def test_unknown_config_key_is_an_error_listing_valid_keys(caplog):
+    code = train_main(["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set", "train.epoch=3"])
+    assert code == 2
+    assert "unknown config key 'train.epoch'" in caplog.text and "train.epochs" in caplog.text
+
+
+def test_missing_vgg_weights_stop_at_start_up(phantom_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(*args, **kwargs):
+        raise OSError("no internet")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    code = train_main(["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set",
+                       *tiny_overrides(phantom_dir, tmp_path), "train.lambda_per=0.1"])
+    assert code == 2
+    assert "vgg19-dcbb9e9d.pth" in caplog.text and "lambda_per" in caplog.text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_unavailable_device_is_a_clear_error(caplog):
+    code = train_main(["-d", "cuda:0", "-c", str(CONFIGS / "demo_phantom_cpu.yaml")])
+    assert code == 2
+    assert "CUDA is not available" in caplog.text
