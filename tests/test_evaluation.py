@@ -44,10 +44,14 @@ def canonical(path) -> np.ndarray:
 
 
 def crop_box(cfg, shape) -> tuple[slice, slice, slice]:
-    """The (X, Y, Z) region of a RAS+ grid that the test stacks cover: centre crop, central slices."""
-    (x, y, z), crop, n = shape, cfg.data.crop, cfg.data.n_slices
-    return slice((x - crop) // 2, (x + crop) // 2), slice((y - crop) // 2, (y + crop) // 2), \
-        slice((z - n) // 2, (z - n) // 2 + n)
+    """The (X, Y, Z) region of a RAS+ grid that the test stacks cover: centre crop (all of an axis
+    shorter than the crop), central slices."""
+    def centred(length, size):
+        start = max(length - size, 0) // 2
+        return slice(start, start + min(size, length))
+
+    (x, y, z), crop = shape, cfg.data.crop
+    return centred(x, crop), centred(y, crop), centred(z, cfg.data.n_slices)
 
 
 def expected_rows(subjects, multi_step) -> tuple[list[tuple], list[tuple]]:
@@ -63,12 +67,15 @@ def keys(rows) -> list[tuple]:
     return sorted((r["name"], r["src"], r["tgt"], r["steps"]) for r in rows)
 
 
+def no_network(url, *args, **kwargs):
+    raise urllib.error.URLError(f"no network in tests: {url}")
+
+
 @pytest.fixture
 def offline_hub(tmp_path, monkeypatch):
     """An empty torch hub cache, no network, and the once-per-process LPIPS warning not yet given."""
-    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
-    monkeypatch.setattr(torch.hub, "download_url_to_file",
-                        lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("no network in tests")))
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))  # what torch.hub.set_dir sets
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     monkeypatch.setattr(metrics, "_lpips_warned", False)
 
 
@@ -147,10 +154,11 @@ def test_predictions_are_written_in_the_source_geometry(evaluated, phantom_dir):
         assert not data.any(), f"{file}: values outside the evaluated region"
 
 
-def test_a_pasted_source_overlays_the_source_file(trained_run, phantom_dir, tmp_path):
+@pytest.mark.parametrize("crop", [64, 256])  # a crop, and a pad beyond the 240 x 240 grid
+def test_a_pasted_source_overlays_the_source_file(trained_run, phantom_dir, tmp_path, crop):
     """Geometry alone, whatever the model: the source's own test stack written back matches the source file."""
     overrides, _ = trained_run
-    cfg = load_config(CONFIG, overrides)
+    cfg = load_config(CONFIG, overrides + [f"data.crop={crop}"])
     name, _ = read_list(phantom_dir / "test.csv")[0]
     cache = SliceCache(cfg.data.cache_dir, phantom_dir, cfg.data)
     cache.ensure({name: ["t2"]})
@@ -164,6 +172,8 @@ def test_a_pasted_source_overlays_the_source_file(trained_run, phantom_dir, tmp_
     expected = to_intensity(normalize(source, cfg.data.percentile))
     assert np.abs(written[box] - expected[box]).max() < 1e-3  # float16 cache
     assert (written[box] > 0).sum() > 0.2 * written[box].size  # the box holds brain, not background
+    written[box] = 0
+    assert not written.any()
 
 
 def test_lpips_without_weights_leaves_empty_cells_and_warns_once(trained_run, offline_hub, tmp_path, caplog):
@@ -184,7 +194,7 @@ def test_lpips_without_weights_leaves_empty_cells_and_warns_once(trained_run, of
 
 
 def test_results_are_not_overwritten_without_flag(evaluated, caplog):
-    _, out, cfg, run_dir = evaluated
+    _, out, _, run_dir = evaluated
     before = (out / "result_metrics.csv").stat().st_mtime_ns
     with caplog.at_level(logging.ERROR):
         code = evaluate_main(["-d", "cpu", "-c", str(CONFIG), "-l", str(run_dir / "ckpt_best.pth"), "-o", str(out)])
@@ -262,7 +272,7 @@ def small_scans(phantom_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("scans")
     files = {}
     for seq in ("t1", "t2"):
-        block = nib.load(str(phantom_dir / name / f"{name}_{seq}.nii.gz")).slicer[80:160, 64:174, 70:91]
+        block = nib.load(str(phantom_dir / name / f"{name}_{seq}.nii.gz")).slicer[96:144, 96:150, 75:84]
         files[seq] = folder / f"{seq}.nii.gz"
         nib.save(block, str(files[seq]))
     # voxel axes permuted and flipped: (L, P, S) storage -> (A, R, I); the affine follows
@@ -270,7 +280,7 @@ def small_scans(phantom_dir, tmp_path_factory):
     reoriented = t1.as_reoriented(np.array([[1, -1], [0, -1], [2, -1]]))
     files["t1_reoriented"] = folder / "t1_reoriented.nii.gz"
     nib.save(reoriented, str(files["t1_reoriented"]))
-    assert reoriented.shape == (110, 80, 21) and not np.allclose(reoriented.affine, t1.affine)
+    assert reoriented.shape == (54, 48, 9) and not np.allclose(reoriented.affine, t1.affine)
     return files
 
 
@@ -289,7 +299,7 @@ def test_synthesize_two_sources_fused_and_uncertainty(trained_run, small_scans, 
         outputs = {kind: nib.load(str(tmp_path / f"{tgt}_{kind}.nii.gz"))
                    for kind in ("from_t1", "from_t2", "fused", "mean", "std")}
         for kind, image in outputs.items():
-            assert image.shape == source.shape == (80, 110, 21), (tgt, kind)
+            assert image.shape == source.shape == (48, 54, 9), (tgt, kind)
             assert np.allclose(image.affine, source.affine), (tgt, kind)
             data = image.get_fdata()
             assert 0 <= data.min() and data.max() <= 1 and data.std() > 0, (tgt, kind)

@@ -7,7 +7,6 @@ shared by the six outputs that are compared with them.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -145,20 +144,22 @@ def translate(model: nn.Module, stack: torch.Tensor, target: int, batch_size: in
 
 @torch.no_grad()
 def validate(model: nn.Module, stacks: dict[str, dict[int, torch.Tensor]], device: torch.device,
-             batch_size: int, amp: torch.dtype | None = None) -> dict[str, float]:
-    """Mean PSNR (data range 2) over every (available source, available target) pair of each subject.
+             batch_size: int, amp: torch.dtype | None = None) -> tuple[float, int]:
+    """Sum and count of PSNR (data range 2) over every (available source, available target) pair.
 
     stacks: subject -> {sequence index: (S,1,H,W) centre-cropped central slices}.
+    Returns sums so that ranks can add theirs before dividing.
     """
     was_training = model.training
     model.eval()
-    values = []
+    total, count = 0.0, 0
     for seqs in stacks.values():
         for s, src in seqs.items():
             src = src.to(device)
             for t, tgt in seqs.items():
                 if s != t:
                     pred = translate(model, src, t, batch_size, amp)
-                    values.append(float(psnr(pred[:, 0], tgt[:, 0].to(device))))  # one value per stack
+                    total += float(psnr(pred[:, 0], tgt[:, 0].to(device)))  # one value per stack
+                    count += 1
     model.train(was_training)
-    return {"psnr": sum(values) / len(values) if values else math.nan, "n_pairs": len(values)}
+    return total, count

@@ -25,6 +25,7 @@ from vq.config import ConfigError, load_config, resolve_path
 from vq.dataloader.brats import BratsDataError, SliceCache, subject_files
 from vq.dataloader.datasets import load_eval_stack
 from vq.dataloader.lists import DataListError, read_list
+from vq.dataloader.preprocess import central_slices, pad_or_crop
 from vq.evaluation import Translator, score, summarize, summary_markdown, translations_for, write_metrics, \
     write_summary
 from vq.metrics import LPIPSMetric
@@ -105,10 +106,9 @@ def save_prediction(pred: torch.Tensor, root: Path, name: str, tr, cfg, out: Pat
     source = nib.load(str(subject_files(root, name)[SEQUENCES[tr.src]]))
     full = np.zeros(ras_shape(source), dtype=np.float32)  # (X, Y, Z) in RAS, background 0
     x, y, z = full.shape
-    s, crop = pred.shape[0], pred.shape[-1]
-    z0, x0, y0 = (z - s) // 2, (x - crop) // 2, (y - crop) // 2  # same centring as the cache and crop
-    volume = to_intensity(pred[:, 0].cpu().numpy()).transpose(1, 2, 0)  # (S,H,W) -> (H,W,S)
-    full[x0:x0 + crop, y0:y0 + crop, z0:z0 + s] = volume
+    # centred fitting undoes the centre crop (or pad), background -1 -> 0: (S,1,crop,crop) -> (S,X,Y)
+    volume = to_intensity(pad_or_crop(pred[:, 0].cpu().numpy(), (x, y)))
+    full[:, :, central_slices(z, len(volume))] = volume.transpose(1, 2, 0)  # (S,X,Y) -> (X,Y,S)
     via = "" if not tr.multi else "_via_" + "_".join(SEQUENCES[i] for i in tr.path[1:-1])
     path = out / "nifti" / name / f"{name}_{SEQUENCES[tr.tgt]}_from_{SEQUENCES[tr.src]}{via}.nii.gz"
     return save_like(full, source, path)

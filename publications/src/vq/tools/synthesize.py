@@ -44,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--tgt", nargs="+", required=True, help="sequences to synthesise")
     p.add_argument("-o", "--out", required=True)
     p.add_argument("--samples", type=int, default=0, help="latent samples for a mean/std uncertainty map")
+    p.add_argument("--seed", type=int, default=0, help="seed of the latent samples")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     return p.parse_args(argv)
 
@@ -75,6 +76,7 @@ def from_slices(stack: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 def run(args) -> None:
     cfg = load_config(args.config, args.set)
     device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
     translator_model = build_model(cfg.model).to(device)
     load_model_weights(translator_model, read_checkpoint(args.load), args.load)
     translator = Translator(translator_model, device, amp_dtype(device, cfg.train.amp), cfg.test.batch_size)
@@ -107,15 +109,11 @@ def run(args) -> None:
             write(translator.decode(mean, t), f"{SEQUENCES[t]}_fused")
         if args.samples > 0:
             spread = ((stacked - mean) ** 2).sum(0)  # sigma of METHOD.md step 3; 0 for a single source
-            draws = torch.stack([to_unit(translator.decode(mean + torch.randn_like(mean) * spread, t))
+            draws = torch.stack([translator.decode(mean + torch.randn_like(mean) * spread, t)
                                  for _ in range(args.samples)])
+            draws = torch.from_numpy(to_intensity(draws.cpu().numpy()))  # each draw on the written [0, 1] scale
             write(draws.mean(0), f"{SEQUENCES[t]}_mean", intensity=False)
             write(draws.std(0), f"{SEQUENCES[t]}_std", intensity=False)
-
-
-def to_unit(pred: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> [0, 1], the scale written to files."""
-    return ((pred + 1) / 2).clamp(0, 1)
 
 
 if __name__ == "__main__":

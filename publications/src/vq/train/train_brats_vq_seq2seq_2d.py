@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vq.checkpoint import CheckpointError, load_model_weights, read_checkpoint, save_checkpoint
@@ -26,6 +27,7 @@ from vq.config import ConfigError, load_config, resolve_path, save_config
 from vq.dataloader.brats import BratsDataError, SliceCache
 from vq.dataloader.datasets import load_eval_stack, make_train_loader
 from vq.dataloader.lists import DataListError, read_list
+from vq.distributed import Dist, barrier, cleanup, init_distributed, replicas_in_sync, sum_across
 from vq.losses import PerceptualLoss
 from vq.models import build_model
 from vq.nifti import NiftiError
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
 
 
 def train(args) -> int:
-    # --- config and run folder ---
+    # --- config, device, process group ---
     if args.resume:
         run_dir = resolve_path(args.resume)
         config_path = args.config or run_dir / "config.yaml"
@@ -82,25 +84,40 @@ def train(args) -> int:
         if (run_dir / "ckpt_last.pth").exists() or (run_dir / "config.yaml").exists():
             raise FileExistsError(f"run folder {run_dir} already holds a run; continue it with --resume {run_dir} "
                                   "or choose another folder with --set out_dir=...")
-    device = resolve_device(args.device)
+    ddp, device = init_distributed(resolve_device(args.device))
+    try:
+        return train_loop(args, cfg, run_dir, ddp, device)
+    finally:
+        cleanup(ddp)
+
+
+def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device) -> int:
+    main_rank = ddp.is_main
+    if not main_rank:
+        logging.getLogger().setLevel(logging.WARNING)  # one voice in the console
     amp = amp_dtype(device, cfg.train.amp)
     seed_everything(cfg.seed)
-    log.info("run folder %s | device %s (%s) | autocast %s", run_dir, device,
-             torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(), amp)
+    log.info("run folder %s | device %s (%s) | autocast %s | %d process(es)", run_dir, device,
+             torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(), amp, ddp.world_size)
 
-    # --- data ---
+    # --- data: rank 0 builds the cache, the others then find it ready ---
     root, lists = resolve_path(cfg.data.root), cfg.lists_dir
     train_rows = read_list(lists / "train.csv")
     valid_rows = read_list(lists / "valid.csv")
     cache = SliceCache(resolve_path(cfg.data.cache_dir), root, cfg.data)
-    cache.ensure([n for n, _ in valid_rows])
+    if main_rank:
+        cache.ensure([n for n, _ in valid_rows])
+        loader = make_train_loader(cfg, cache, train_rows, seed=cfg.seed, distributed=ddp.enabled)
+    barrier(ddp)
+    if not main_rank:
+        loader = make_train_loader(cfg, cache, train_rows, seed=cfg.seed, distributed=ddp.enabled)
     valid_seqs = {name: available(code) for name, code in valid_rows}
     if all(len(seqs) < 2 for seqs in valid_seqs.values()):
         log.warning("no valid subject has two available sequences; validating on all four sequences instead")
         valid_seqs = {name: list(range(N_SEQ)) for name in valid_seqs}
     valid = {name: {s: load_eval_stack(cache, name, s, cfg.train.val_slices) for s in seqs}
              for name, seqs in valid_seqs.items()}
-    loader = make_train_loader(cfg, cache, train_rows, seed=cfg.seed)
+    my_valid = dict(list(valid.items())[ddp.rank::ddp.world_size])  # each rank validates its share
 
     # --- model, loss, optimizer ---
     model = build_model(cfg.model).to(device)
@@ -116,15 +133,11 @@ def train(args) -> int:
         except MissingWeightsError as err:
             raise MissingWeightsError(f"{err}; or train without the perceptual loss: --set train.lambda_per=0") from None
     recipe = Recipe(model, cfg, perceptual)
-    step_fn = torch.compile(recipe) if cfg.train.compile else recipe
     optimizer = make_optimizer(model, cfg)
-    n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2f M parameters; %d train / %d valid subjects",
-             type(model).__name__, n_params / 1e6, len(train_rows), len(valid_rows))
+             type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, len(train_rows),
+             len(valid_rows))
 
-    # Everything checked: only now does the run folder get written to.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
     epoch, step, best = 0, 0, float("-inf")
     if args.resume:
         state = read_checkpoint(run_dir / "ckpt_last.pth")
@@ -133,25 +146,40 @@ def train(args) -> int:
         epoch, step, best = state["epoch"], state["step"], state["best_psnr"]
         set_rng_state(state["rng"])
         log.info("resumed at epoch %d, step %d (best PSNR %.2f)", epoch, step, best)
+    if ddp.enabled:  # the whole recipe is the DDP module: its forward is what backward averages
+        recipe = DistributedDataParallel(recipe, device_ids=[device.index] if device.type == "cuda" else None)
+        torch.manual_seed(cfg.seed + 1000 * ddp.rank + step)  # each rank its own augmentation draws
+    step_fn = torch.compile(recipe) if cfg.train.compile else recipe
 
     def checkpoint(name: str, finished: bool = False) -> None:
-        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                         "step": step, "best_psnr": best, "rng": rng_state(), "finished": finished,
-                         "config": cfg.to_dict()}, run_dir / name)
+        if main_rank:
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                             "step": step, "best_psnr": best, "rng": rng_state(), "finished": finished,
+                             "config": cfg.to_dict()}, run_dir / name)
 
     if step >= cfg.train.max_steps or epoch >= cfg.train.epochs:
         log.info("run already finished (epoch %d, step %d); nothing to do", epoch, step)
         return 0
 
-    # --- loop ---
-    from torch.utils.tensorboard import SummaryWriter  # imported late: slow import
-    writer = SummaryWriter(run_dir / "tensorboard")
+    # --- outputs: rank 0 only ---
+    writer = log_file = log_csv = None
     log_path = run_dir / "log.csv"
-    new_log = not log_path.exists()
-    log_file = log_path.open("a", newline="")
-    log_csv = csv.DictWriter(log_file, LOG_COLUMNS, extrasaction="ignore")
-    if new_log:
-        log_csv.writeheader()
+    if main_rank:
+        from torch.utils.tensorboard import SummaryWriter  # imported late: slow import
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        writer = SummaryWriter(run_dir / "tensorboard")
+        new_log = not log_path.exists()
+        log_file = log_path.open("a", newline="")
+        log_csv = csv.DictWriter(log_file, LOG_COLUMNS, extrasaction="ignore")
+        if new_log:
+            log_csv.writeheader()
+
+    def record(row: dict, scalars: dict[str, float] | None = None) -> None:
+        if main_rank:
+            log_csv.writerow(row)
+            for key, value in (scalars or {}).items():
+                writer.add_scalar(key, value, step)
 
     def on_signal(signum, frame):
         raise Stop(signal.Signals(signum).name)
@@ -165,13 +193,13 @@ def train(args) -> int:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loader.sampler.set_epoch(epoch, start=step - epoch * steps_per_epoch)  # > 0 only when resumed mid-epoch
-            bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+            bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=not main_rank)
             tic = time.perf_counter()
             for batch in bar:
                 src, tgt = batch["src"].to(device, non_blocking=True), batch["tgt"].to(device, non_blocking=True)
                 if cfg.train.channels_last:
-                    src, tgt = src.contiguous(memory_format=torch.channels_last), tgt.contiguous(
-                        memory_format=torch.channels_last)
+                    src = src.contiguous(memory_format=torch.channels_last)
+                    tgt = tgt.contiguous(memory_format=torch.channels_last)
                 loss, stats = step_fn(src, tgt, batch["src_idx"].to(device), batch["tgt_idx"].to(device),
                                       epoch=epoch, amp=amp)
                 optimizer.zero_grad(set_to_none=True)
@@ -179,14 +207,13 @@ def train(args) -> int:
                 optimizer.step()
                 step += 1
                 toc = time.perf_counter()
-                stats["slices_per_s"] = src.shape[0] / max(toc - tic, 1e-9)
+                stats["slices_per_s"] = src.shape[0] * ddp.world_size / max(toc - tic, 1e-9)
                 tic = toc
                 bar.set_postfix(step=step, loss=f"{stats['loss']:.3f}", l1=f"{stats['l1']:.3f}",
                                 sps=f"{stats['slices_per_s']:.1f}")
                 if step % cfg.train.log_every == 0 or step == 1:
-                    log_csv.writerow({"step": step, "epoch": epoch, "lr": lr, **stats})
-                    for key, value in stats.items():
-                        writer.add_scalar(f"train/{key}", value, step)
+                    record({"step": step, "epoch": epoch, "lr": lr, **stats},
+                           {f"train/{k}": v for k, v in stats.items()})
                 if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0:
                     checkpoint("ckpt_last.pth")
                 if step >= cfg.train.max_steps:
@@ -195,20 +222,21 @@ def train(args) -> int:
                 epoch += 1
             finished = epoch >= cfg.train.epochs or step >= cfg.train.max_steps
             if epoch % cfg.train.val_every == 0 or finished:
-                metrics = validate(model, valid, device, cfg.test.batch_size, amp)
-                log_csv.writerow({"step": step, "epoch": epoch, "lr": lr, "val_psnr": metrics["psnr"]})
-                writer.add_scalar("valid/psnr", metrics["psnr"], step)
-                log.info("epoch %d step %d: valid PSNR %.2f dB over %d pairs", epoch, step, metrics["psnr"],
-                         metrics["n_pairs"])
-                if metrics["psnr"] > best:
-                    best = metrics["psnr"]
+                total, count = sum_across(ddp, *validate(model, my_valid, device, cfg.test.batch_size, amp))
+                psnr = total / max(count, 1)
+                record({"step": step, "epoch": epoch, "lr": lr, "val_psnr": psnr}, {"valid/psnr": psnr})
+                log.info("epoch %d step %d: valid PSNR %.2f dB over %d pairs", epoch, step, psnr, count)
+                if psnr > best:
+                    best = psnr
                     checkpoint("ckpt_best.pth")
-                grid = sample_grid_for(model, valid, device, amp, f"epoch {epoch}, step {step}")
-                save_png(grid, run_dir / "samples" / f"epoch_{epoch:04d}.png")
-                writer.add_image("valid/samples", grid, step, dataformats="HWC")
+                if main_rank:
+                    grid = sample_grid_for(model, valid, device, amp, f"epoch {epoch}, step {step}")
+                    save_png(grid, run_dir / "samples" / f"epoch_{epoch:04d}.png")
+                    writer.add_image("valid/samples", grid, step, dataformats="HWC")
             checkpoint("ckpt_last.pth", finished=finished)
-            log_file.flush()
-            plot_progress(log_path, run_dir / "progress.png")
+            if main_rank:
+                log_file.flush()
+                plot_progress(log_path, run_dir / "progress.png")
     except Stop as reason:
         log.warning("%s received: saving ckpt_last.pth at step %d and stopping", reason, step)
         checkpoint("ckpt_last.pth")
@@ -216,9 +244,14 @@ def train(args) -> int:
     finally:
         for s, handler in old_handlers.items():
             signal.signal(s, handler)
-        log_file.close()
-        writer.close()
-    if not (run_dir / "ckpt_best.pth").exists():
+        if main_rank:
+            log_file.close()
+            writer.close()
+    if ddp.enabled:
+        in_sync = replicas_in_sync(ddp, model)
+        log.log(logging.INFO if in_sync else logging.ERROR, "model weights identical on all %d ranks: %s",
+                ddp.world_size, in_sync)
+    if main_rank and not (run_dir / "ckpt_best.pth").exists():
         checkpoint("ckpt_best.pth")
     log.info("done: %d steps, best valid PSNR %.2f dB; checkpoints in %s", step, best, run_dir)
     return 0

@@ -1,0 +1,109 @@
+"""Bad input ends in a one-line error naming the file, subject or key, and a non-zero exit; never silent."""
+from __future__ import annotations
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import CONFIGS
+from vq.dataloader.lists import read_list
+from vq.sequences import SEQUENCES, train_pair
+from vq.test.test_brats_vq_2d_metrics import main as evaluate_main
+from vq.train.train_brats_vq_seq2seq_2d import main as train_main
+
+
+def copy_dataset(src, dst):
+    """Subject folders as links to the originals' files (fast), lists copied; breakage replaces a link."""
+    dst.mkdir(parents=True)
+    for item in src.iterdir():
+        if item.is_dir():
+            (dst / item.name).mkdir(parents=True)
+            for f in item.iterdir():
+                (dst / item.name / f.name).symlink_to(f)
+        else:
+            shutil.copy(item, dst / item.name)
+    return dst
+
+
+def write_like(path, data):
+    ref = nib.load(str(path))
+    path.unlink()
+    nib.save(nib.Nifti1Image(data, ref.affine), str(path))
+
+
+def break_file(path, how):
+    if how == "missing":
+        path.unlink()
+    elif how == "truncated":
+        blob = path.read_bytes()[:2000]
+        path.unlink()
+        path.write_bytes(blob)
+    elif how == "not_nifti":
+        path.unlink()
+        path.write_text("this is not an image\n")
+    elif how == "shape":
+        write_like(path, np.ones((200, 200, 155), np.float32))
+    elif how == "zeros":
+        write_like(path, np.zeros((240, 240, 155), np.float32))
+    elif how == "nan":
+        data = np.asarray(nib.load(str(path)).dataobj, np.float32)
+        data[120, 120, 70] = np.nan
+        write_like(path, data)
+
+
+@pytest.fixture
+def broken(phantom_dir, tmp_path):
+    return copy_dataset(phantom_dir, tmp_path / "data")
+
+
+def eval_args(trained_run, root, out):
+    overrides, run_dir = trained_run
+    return ["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "-l", str(run_dir / "ckpt_best.pth"),
+            "-o", str(out), "--set", *overrides, f"data.root={root}", f"data.cache_dir={out}/cache"]
+
+
+@pytest.mark.parametrize("how", ["missing", "truncated", "not_nifti", "shape", "zeros", "nan"])
+def test_a_broken_test_subject_is_an_error_naming_it(how, broken, trained_run, tmp_path, caplog):
+    name, _ = read_list(broken / "test.csv")[0]
+    path = broken / name / f"{name}_t2.nii.gz"
+    break_file(path, how)
+    assert evaluate_main(eval_args(trained_run, broken, tmp_path / "out")) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors and name in errors[-1] and "\n" not in errors[-1]
+    if how != "shape":
+        assert path.name in errors[-1]
+
+
+@pytest.mark.parametrize("how", ["zeros", "nan", "missing"])
+def test_a_broken_training_subject_is_skipped_with_a_warning(how, broken, trained_run, tmp_path, caplog):
+    overrides, _ = trained_run
+    name, avail = read_list(broken / "train.csv")[0]
+    seq = SEQUENCES[train_pair(avail)[0]]  # a sequence this subject trains on
+    break_file(broken / name / f"{name}_{seq}.nii.gz", how)
+    code = train_main(["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set", *overrides,
+                       f"data.root={broken}", f"data.cache_dir={tmp_path}/cache", f"out_dir={tmp_path}/run",
+                       "train.max_steps=1"])
+    assert code == 0
+    assert any(r.levelname == "WARNING" and name in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("line, message", [("BraTS2021_99999,5", "BraTS2021_99999"), ("{name},15", "not in 1..14"),
+                                           ("{name},3", "listed twice")])
+def test_a_bad_data_list_is_an_error_with_file_and_line(line, message, broken, trained_run, tmp_path, caplog):
+    name, _ = read_list(broken / "test.csv")[0]
+    with open(broken / "test.csv", "a") as f:
+        f.write(line.format(name=name) + "\n")
+    assert evaluate_main(eval_args(trained_run, broken, tmp_path / "out")) == 2
+    error = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"][-1]
+    assert message in error
+
+
+def test_existing_results_are_not_overwritten(trained_run, phantom_dir, tmp_path, caplog):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "result_metrics.csv").write_text("name,src,tgt\n")
+    assert evaluate_main(eval_args(trained_run, phantom_dir, out)) == 2
+    assert (out / "result_metrics.csv").read_text() == "name,src,tgt\n"
+    assert "--overwrite" in caplog.text
