@@ -130,3 +130,34 @@ def test_unavailable_device_is_a_clear_error(caplog):
     code = train_main(["-d", "cuda:0", "-c", str(CONFIGS / "demo_phantom_cpu.yaml")])
     assert code == 2
     assert "CUDA is not available" in caplog.text
+
+
+def test_a_killed_run_resumes_to_the_same_end(trained_run, phantom_dir, tmp_path):
+    """SIGTERM mid-training saves ckpt_last.pth; --resume reaches the same step count and loss."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from vq.config import REPO_ROOT
+
+    script = str(REPO_ROOT / "publications/src/vq/train/train_brats_vq_seq2seq_2d.py")
+    common = ["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set",
+              *tiny_overrides(phantom_dir, tmp_path), "train.pretrain_epochs_contrast=0",
+              "train.pretrain_epochs_rand=1", "train.max_steps=12"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert train_main(common + [f"out_dir={whole}"]) == 0
+    proc = subprocess.Popen([sys.executable, script, *common, f"out_dir={killed}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (killed / "log.csv").exists() or len(read_log(killed)) < 4:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130, proc.stderr.read()[-2000:]
+    stopped_at = torch.load(killed / "ckpt_last.pth", weights_only=True)["step"]
+    assert 4 <= stopped_at < 12
+    assert train_main(["-d", "cpu", "--resume", str(killed)]) == 0
+    ref, resumed = read_log(whole), read_log(killed)
+    assert max(resumed) == max(ref) == 12
+    assert float(resumed[12]["loss"]) == pytest.approx(float(ref[12]["loss"]), rel=1e-4)

@@ -9,10 +9,14 @@ brain ends. All randomness comes from the `torch.Generator` passed in, so a
 
 Levels (`CORRUPTIONS[kind].levels`, mild / moderate / strong):
 - noise:    Rician noise, sigma = 0.05 / 0.10 / 0.20 x the foreground mean.
-- bias:     smooth multiplicative field 1 +- 0.1 / 0.2 / 0.4 (random degree-2 polynomial over the stack).
-- ghosting: every 4th phase-encode line (k-space rows) with a phase error of 0.25 / 0.5 / 1.0 x pi,
+- bias:     smooth multiplicative field 1 +- 0.25 / 0.5 / 0.8 (random degree-2 polynomial over the stack).
+- ghosting: every 4th phase-encode line (k-space rows) with a phase error of 0.15 / 0.3 / 0.6 x pi,
             as periodic motion does: ghost copies at H/4 shifts along the phase-encode axis.
-- spike:    two k-space spikes (herringbone stripes) of amplitude 0.1 / 0.2 / 0.4 x the foreground mean.
+- spike:    two k-space spikes (herringbone stripes) of amplitude 0.05 / 0.1 / 0.2 x the foreground mean.
+On the phantom's 192 x 192 stacks the corrupted source's PSNR against the clean one is about
+37 / 31 / 25 dB at levels 1 / 2 / 3 for noise and spike, 39 / 33 / 29 for bias, and 30-41 / 25-31 / 21
+for ghosting (the range comes from the random first line); robustness.md reports it per run.
+The random draws of a stack do not depend on the level, so a stack's corruption grows with it.
 """
 from __future__ import annotations
 
@@ -68,10 +72,11 @@ def bias_field(x: Tensor, strength: float, gen: torch.Generator) -> Tensor:
 
 def ghosting(x: Tensor, strength: float, gen: torch.Generator) -> Tensor:
     """Motion ghosts: every GHOST_PERIOD-th k-space row (phase-encode axis = H), from a random first row,
-    gets the phase exp(i pi strength); the magnitude image then holds ghosts shifted by H / GHOST_PERIOD."""
+    gets the phase exp(i pi strength); the magnitude image then holds ghosts shifted by H / GHOST_PERIOD.
+    The first row is never the k-space centre (row 0), whose phase error would dim the whole image instead."""
     def corrupt(u, foreground):
         h = u.shape[-2]
-        first = int(torch.randint(GHOST_PERIOD, (1,), generator=gen, device=gen.device))
+        first = int(torch.randint(1, GHOST_PERIOD, (1,), generator=gen, device=gen.device))
         kspace = torch.fft.fft2(u)  # (S, 1, H, W) complex; row index = phase-encode line
         rows = torch.zeros(h, dtype=torch.bool, device=u.device)
         rows[first::GHOST_PERIOD] = True
@@ -104,9 +109,9 @@ class Corruption(NamedTuple):
 
 CORRUPTIONS: dict[str, Corruption] = {
     "noise": Corruption(rician, (0.05, 0.10, 0.20)),
-    "bias": Corruption(bias_field, (0.1, 0.2, 0.4)),
-    "ghosting": Corruption(ghosting, (0.25, 0.5, 1.0)),
-    "spike": Corruption(spike, (0.1, 0.2, 0.4)),
+    "bias": Corruption(bias_field, (0.25, 0.5, 0.8)),
+    "ghosting": Corruption(ghosting, (0.15, 0.3, 0.6)),
+    "spike": Corruption(spike, (0.05, 0.1, 0.2)),
 }
 
 

@@ -56,7 +56,7 @@ def parse_args(argv=None):
 
 
 class Stop(Exception):
-    """Raised from the signal handler; the loop saves a last checkpoint and exits."""
+    """SIGINT/SIGTERM arrived: the loop saves a last checkpoint after the current step and exits."""
 
 
 def main(argv=None) -> int:
@@ -181,8 +181,10 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device) -> int
             for key, value in (scalars or {}).items():
                 writer.add_scalar(key, value, step)
 
-    def on_signal(signum, frame):
-        raise Stop(signal.Signals(signum).name)
+    stop_requested: list[str] = []
+
+    def on_signal(signum, frame):  # finish the current step, then save and stop: never a half-applied update
+        stop_requested.append(signal.Signals(signum).name)
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     model.train()
@@ -216,6 +218,8 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device) -> int
                            {f"train/{k}": v for k, v in stats.items()})
                 if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0:
                     checkpoint("ckpt_last.pth")
+                if stop_requested:
+                    raise Stop(stop_requested[0])
                 if step >= cfg.train.max_steps:
                     break
             else:
