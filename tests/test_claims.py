@@ -8,13 +8,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import CONFIGS
 from vq.corruptions import CORRUPTIONS, GHOST_PERIOD, corrupt
 from vq.dataloader.lists import read_list
 from vq.nifti import load_volume
 from vq.sequences import available, missing
-from vq.test.test_brats_vq_2d_oneshot_seg import dice, load_labels, main as oneshot_main, region_dice
+from vq.test.test_brats_vq_2d_oneshot_seg import KNN, LABELS, cell_majority, dice, label_stack, load_labels, \
+    main as oneshot_main, positions, region_dice, segment
 from vq.test.test_brats_vq_2d_robustness import COLUMNS, main as robustness_main
 
 CONFIG = CONFIGS / "demo_phantom_cpu.yaml"
@@ -144,6 +146,18 @@ def test_load_labels_matches_load_volume_and_accepts_an_empty_segmentation(phant
     empty = tmp_path / "empty_seg.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros(image.shape, np.uint8), image.affine), str(empty))
     assert load_labels(empty).shape == labels.shape and not load_labels(empty).any()
+
+
+def test_knn_segmentation_with_perfect_features_recovers_the_labels(phantom_dir):
+    """Features that ARE the cell labels: only the 1/4-resolution bookkeeping (slices, crop, majority vote,
+    bilinear upsampling, label codes) stands between the prediction and the truth."""
+    name = read_list(phantom_dir / "test.csv")[0][0]
+    labels = label_stack(load_labels(phantom_dir / name / f"{name}_seg.nii.gz"), 128, 16, 192)  # (16, 192, 192)
+    cells = cell_majority(labels, 4)  # (16, 48, 48)
+    features = F.one_hot(cells, len(LABELS)).permute(0, 3, 1, 2).float()  # (16, 4, 48, 48)
+    pred = segment(KNN(positions(features), cells.flatten()), features, torch.zeros(16, 1, 192, 192))
+    scores = region_dice(pred, labels)
+    assert labels.any() and scores["wt"] > 0.85 and scores["tc"] > 0.75 and scores["et"] > 0.6, scores
 
 
 def test_oneshot_segmentation_runs_and_scores_both_features(trained_run, tmp_path):

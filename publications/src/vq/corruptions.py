@@ -16,7 +16,8 @@ Levels (`CORRUPTIONS[kind].levels`, mild / moderate / strong):
 On the phantom's 192 x 192 stacks the corrupted source's PSNR against the clean one is about
 37 / 31 / 25 dB at levels 1 / 2 / 3 for noise and spike, 39 / 33 / 29 for bias, and 30-41 / 25-31 / 21
 for ghosting (the range comes from the random first line); robustness.md reports it per run.
-The random draws of a stack do not depend on the level, so a stack's corruption grows with it.
+Draws depend on the generator, not on the strength: with one seed for all levels (as the robustness
+script does) a stack's corruption only grows from level to level.
 """
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ def spike(x: Tensor, strength: float, gen: torch.Generator) -> Tensor:
         amplitude = strength * _foreground_mean(u, foreground) * h * w  # a k-space point of A gives A/(HW) stripes
         for _ in range(N_SPIKES):
             # frequencies between 1/8 and 3/8 of the grid: clearly stripes, not a shading or aliasing
-            ky, kx = (int(torch.randint(n // 8, 3 * n // 8 + 1, (1,), generator=gen, device=gen.device)) for n in (h, w))
+            ky, kx = (int(torch.randint(n // 8, 3 * n // 8 + 1, (1,), generator=gen, device=gen.device))
+                      for n in (h, w))
             angle = torch.rand(s, generator=gen, device=gen.device).to(u.device) * 2 * torch.pi
             kspace[:, 0, ky, kx] += torch.polar(amplitude.expand(s), angle)
         return torch.fft.ifft2(kspace).abs()

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..sequences import N_SEQ, seq_index
-from .hyperconv import HyperConv2d
+from .hyperconv import CodeGroups, HyperConv2d, code_groups
 from .quantizer import VectorQuantizer
 
 Target = int | str | Sequence[int | str] | torch.Tensor
@@ -74,9 +74,9 @@ class HyperResBlock(nn.Module):
         self.conv2 = HyperConv2d(ch, ch, 3, code_dim, n_kernels, bias=False)
         self.norm = nn.InstanceNorm2d(ch)
 
-    def forward(self, x, code):
-        h = F.leaky_relu(self.norm(self.conv1(x, code)), 0.2)
-        return x + self.norm(self.conv2(h, code))
+    def forward(self, x, code, groups: CodeGroups):
+        h = F.leaky_relu(self.norm(self.conv1(x, code, groups)), 0.2)
+        return x + self.norm(self.conv2(h, code, groups))
 
 
 class HyperUp(nn.Module):
@@ -87,9 +87,9 @@ class HyperUp(nn.Module):
         self.conv = HyperConv2d(in_ch, in_ch // 2, 3, code_dim, n_kernels, bias=False)
         self.norm = nn.InstanceNorm2d(in_ch // 2)
 
-    def forward(self, x, code):
+    def forward(self, x, code, groups: CodeGroups):
         x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)  # (B, C, 2H, 2W)
-        return F.leaky_relu(self.norm(self.conv(x, code)), 0.2)  # -> (B, C/2, 2H, 2W)
+        return F.leaky_relu(self.norm(self.conv(x, code, groups)), 0.2)  # -> (B, C/2, 2H, 2W)
 
 
 class Decoder(nn.Module):
@@ -106,9 +106,15 @@ class Decoder(nn.Module):
 
     def forward(self, x, code):
         code = self.embed(code)  # (B, code_dim)
+        # Group the batch by code once for all hyper-convs and sort it into group order once:
+        # everything between them (norm, activation, upsampling) is per sample.
+        groups = code_groups(code)
+        if groups.order is not None:
+            x, code = x[groups.order], code[groups.order]
         for block in [*self.res, *self.up]:
-            x = block(x, code)
-        return torch.tanh(self.out(x, code))  # (B, 1, H, W)
+            x = block(x, code, groups)
+        out = torch.tanh(self.out(x, code, groups))  # (B, 1, H, W)
+        return out if groups.order is None else out[groups.order.argsort()]  # back to input order
 
 
 class Encoded(NamedTuple):

@@ -20,30 +20,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vq.checkpoint import CheckpointError, load_model_weights, read_checkpoint
-from vq.config import ConfigError, load_config, resolve_path
-from vq.dataloader.brats import BratsDataError, SliceCache, subject_files
+from vq.cli import add_model_args, load_trained_model, run_main
+from vq.config import load_config, resolve_path
+from vq.dataloader.brats import SliceCache, subject_files
 from vq.dataloader.datasets import load_eval_stack
-from vq.dataloader.lists import DataListError, read_list
+from vq.dataloader.lists import read_list
 from vq.dataloader.preprocess import central_slices, pad_or_crop
 from vq.evaluation import Translator, score, summarize, summary_markdown, translations_for, write_metrics, \
     write_summary
 from vq.metrics import LPIPSMetric
-from vq.models import build_model
-from vq.nifti import NiftiError, ras_shape, save_like, to_intensity
-from vq.runtime import DeviceError, amp_dtype, resolve_device
-from vq.sequences import N_SEQ, SEQUENCES, path_name
+from vq.nifti import ras_shape, save_like, to_intensity
+from vq.runtime import amp_dtype, resolve_device
+from vq.sequences import N_SEQ, SEQUENCES
 
 log = logging.getLogger("test")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("-d", "--device", default="cpu", help="cpu, cuda, cuda:N or mps")
-    p.add_argument("-c", "--config", required=True, help="YAML config the model was trained with")
-    p.add_argument("-l", "--load", required=True, help="checkpoint, e.g. RUN_DIR/ckpt_best.pth")
-    p.add_argument("-o", "--out", required=True, help="output folder")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    add_model_args(p)
     p.add_argument("--list", default="test.csv", help="data list in data.lists (default test.csv)")
     p.add_argument("--lpips-weights", help="AlexNet ImageNet weights file for LPIPS (else test.lpips_weights)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in OUT_DIR")
@@ -51,15 +46,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        run(args)
-    except (ConfigError, DeviceError, BratsDataError, DataListError, NiftiError, CheckpointError,
-            FileExistsError) as err:
-        log.error("%s", err)
-        return 2
-    return 0
+    return run_main(run, parse_args(argv), log)
 
 
 def run(args) -> None:
@@ -69,8 +56,7 @@ def run(args) -> None:
         raise FileExistsError(f"{out} already holds results; pass --overwrite or choose another -o")
     device = resolve_device(args.device)
     amp = amp_dtype(device, cfg.train.amp)
-    model = build_model(cfg.model).to(device)
-    load_model_weights(model, read_checkpoint(args.load), args.load)
+    model = load_trained_model(cfg, args.load, device)
     translator = Translator(model, device, amp, cfg.test.batch_size)
     lpips = LPIPSMetric.try_create(args.lpips_weights or cfg.test.lpips_weights, device=device)
 

@@ -20,9 +20,9 @@ Writes OUT_DIR/oneshot_seg.csv (name, seq, feature, wt, tc, et) and oneshot_seg.
 from __future__ import annotations
 
 import argparse
+import sys
 import csv
 import logging
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -32,16 +32,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from vq.checkpoint import CheckpointError, load_model_weights, read_checkpoint
-from vq.config import ConfigError, load_config, resolve_path
+from vq.cli import add_model_args, load_trained_model, run_main
+from vq.config import load_config, resolve_path
 from vq.dataloader.brats import BratsDataError, SliceCache, subject_files
 from vq.dataloader.datasets import load_eval_stack
 from vq.dataloader.lists import DataListError, read_list
 from vq.dataloader.preprocess import central_slices, pad_or_crop
 from vq.evaluation import Translator
-from vq.models import build_model
 from vq.nifti import NiftiError
-from vq.runtime import DeviceError, amp_dtype, resolve_device
+from vq.runtime import amp_dtype, resolve_device
 from vq.sequences import SEG, SEQUENCES, available, seq_index
 
 log = logging.getLogger("oneshot_seg")
@@ -55,15 +54,11 @@ FEATURES = ("latent", "intensity")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("-d", "--device", default="cpu", help="cpu, cuda, cuda:N or mps")
-    p.add_argument("-c", "--config", required=True, help="YAML config the model was trained with")
-    p.add_argument("-l", "--load", required=True, help="checkpoint, e.g. RUN_DIR/ckpt_best.pth")
-    p.add_argument("-o", "--out", required=True, help="output folder")
+    add_model_args(p)
     p.add_argument("--support", help="ID of the labelled subject (default: first of the list with a tumour)")
     p.add_argument("--seq", default="t1ce", help="sequence of the support subject (default t1ce)")
     p.add_argument("--query-seq", help="sequence of every query subject (default: its first available one; "
                                        "the list's availability code is then ignored)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     p.add_argument("--list", default="test.csv", help="data list in data.lists (default test.csv)")
     p.add_argument("--seed", type=int, default=0, help="seed of the support-vector subset")
     p.add_argument("--overwrite", action="store_true", help="replace results already in OUT_DIR")
@@ -78,15 +73,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        run(args)
-    except (ConfigError, DeviceError, BratsDataError, DataListError, NiftiError, CheckpointError,
-            FileExistsError) as err:
-        log.error("%s", err)
-        return 2
-    return 0
+    return run_main(run, parse_args(argv), log)
 
 
 # ----------------------------------------------------------------------------- labels
@@ -203,8 +190,7 @@ def run(args) -> None:
     if (out / "oneshot_seg.csv").exists() and not args.overwrite:
         raise FileExistsError(f"{out} already holds results; pass --overwrite or choose another -o")
     device = resolve_device(args.device)
-    model = build_model(cfg.model).to(device)
-    load_model_weights(model, read_checkpoint(args.load), args.load)
+    model = load_trained_model(cfg, args.load, device)
     translator = Translator(model, device, amp_dtype(device, cfg.train.amp), cfg.test.batch_size)
 
     root = resolve_path(cfg.data.root)
@@ -280,3 +266,7 @@ def markdown(rows: list[dict], support: str, seq: str) -> str:
             "over its 3x3-cell neighbourhood. WT = labels 1, 2, 4; TC = 1, 4; ET = 4. Dice of an empty "
             "prediction against an empty truth is 1; subjects without tumour are included.\n")
     return "\n".join(lines) + "\n" + note
+
+
+if __name__ == "__main__":
+    sys.exit(main())

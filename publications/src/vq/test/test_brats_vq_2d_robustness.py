@@ -28,17 +28,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vq.checkpoint import CheckpointError, load_model_weights, read_checkpoint
+from vq.cli import add_model_args, load_trained_model, run_main
 from vq.config import Config, ConfigError, load_config, resolve_path
 from vq.corruptions import CORRUPTIONS, corrupt
-from vq.dataloader.brats import BratsDataError, SliceCache
+from vq.dataloader.brats import SliceCache
 from vq.dataloader.datasets import load_eval_stack
-from vq.dataloader.lists import DataListError, read_list
+from vq.dataloader.lists import read_list
 from vq.evaluation import Translator, score
 from vq.metrics import LPIPSMetric, psnr
-from vq.models import build_model
-from vq.nifti import NiftiError
-from vq.runtime import DeviceError, amp_dtype, resolve_device
+from vq.runtime import amp_dtype, resolve_device
 from vq.sequences import N_SEQ, SEQUENCES, available, missing
 from vq.viz import plt
 
@@ -59,14 +57,10 @@ def positive_int(text: str) -> int:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("-d", "--device", default="cpu", help="cpu, cuda, cuda:N or mps")
-    p.add_argument("-c", "--config", required=True, help="YAML config the model was trained with")
-    p.add_argument("-l", "--load", required=True, help="checkpoint, e.g. RUN_DIR/ckpt_best.pth")
-    p.add_argument("-o", "--out", required=True, help="output folder")
+    add_model_args(p)
     p.add_argument("--compare", help="a second checkpoint to evaluate on the same corrupted inputs")
-    p.add_argument("--compare-config", help="config of the --compare checkpoint (default: -c)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override config keys (applied to both configs; data settings come from -c)")
+    p.add_argument("--compare-config", help="config of the --compare checkpoint (default: -c); --set applies "
+                                            "to it too, the data settings come from -c")
     p.add_argument("--list", default="test.csv", help="data list in data.lists (default test.csv)")
     p.add_argument("--subjects", type=positive_int, help="only the first N subjects of the list")
     p.add_argument("--slices", type=positive_int, help="only the central N slices (default data.n_slices)")
@@ -79,26 +73,20 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        run(args)
-    except (ConfigError, DeviceError, BratsDataError, DataListError, NiftiError, CheckpointError,
-            FileExistsError) as err:
-        log.error("%s", err)
-        return 2
-    return 0
+    return run_main(run, parse_args(argv), log)
 
 
 def load_translator(cfg: Config, checkpoint: str, device: torch.device) -> Translator:
-    model = build_model(cfg.model).to(device)
-    load_model_weights(model, read_checkpoint(checkpoint), checkpoint)
+    model = load_trained_model(cfg, checkpoint, device)
     return Translator(model, device, amp_dtype(device, cfg.train.amp), cfg.test.batch_size)
 
 
 def model_labels(configs: list[Config], checkpoints: list[str]) -> list[str]:
-    """`config name:run folder`, numbered when two models would get the same label."""
-    labels = [f"{cfg.name}:{Path(ckpt).resolve().parent.name}" for cfg, ckpt in zip(configs, checkpoints)]
+    """The config names; `name:run folder/checkpoint` where those coincide; numbered if that still does."""
+    labels = [cfg.name for cfg in configs]
+    if len(set(labels)) < len(labels):
+        labels = [f"{lab}:{Path(ckpt).resolve().parent.name}/{Path(ckpt).stem}"
+                  for lab, ckpt in zip(labels, checkpoints)]
     return labels if len(set(labels)) == len(labels) else [f"{lab} #{i + 1}" for i, lab in enumerate(labels)]
 
 

@@ -22,13 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vq.checkpoint import CheckpointError, load_model_weights, read_checkpoint
-from vq.config import ConfigError, load_config
+from vq.cli import add_model_args, load_trained_model, run_main
+from vq.config import load_config
 from vq.dataloader.preprocess import normalize
 from vq.evaluation import Translator
-from vq.models import build_model
 from vq.nifti import NiftiError, load_volume, save_like, to_intensity
-from vq.runtime import DeviceError, amp_dtype, resolve_device
+from vq.runtime import amp_dtype, resolve_device
 from vq.sequences import SEQUENCES, seq_index
 
 log = logging.getLogger("synthesize")
@@ -36,28 +35,22 @@ log = logging.getLogger("synthesize")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("-d", "--device", default="cpu")
-    p.add_argument("-c", "--config", required=True)
-    p.add_argument("-l", "--load", required=True, help="checkpoint")
+    add_model_args(p)
     p.add_argument("--src", nargs=2, action="append", required=True, metavar=("SEQ", "NIFTI"),
                    help=f"an available sequence ({', '.join(SEQUENCES)}) and its file; repeatable")
-    p.add_argument("--tgt", nargs="+", required=True, help="sequences to synthesise")
-    p.add_argument("-o", "--out", required=True)
+    p.add_argument("--tgt", nargs="+", required=True, type=seq_index, help="sequences to synthesise")
     p.add_argument("--samples", type=int, default=0, help="latent samples for a mean/std uncertainty map")
     p.add_argument("--seed", type=int, default=0, help="seed of the latent samples")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.src = [(seq_index(name), path) for name, path in args.src]
+    except ValueError as err:
+        p.error(str(err))
+    return args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        run(args)
-    except (ConfigError, DeviceError, NiftiError, CheckpointError, ValueError) as err:
-        log.error("%s", err)
-        return 2
-    return 0
+    return run_main(run, parse_args(argv), log)
 
 
 def to_slices(volume: np.ndarray, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -77,11 +70,9 @@ def run(args) -> None:
     cfg = load_config(args.config, args.set)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    translator_model = build_model(cfg.model).to(device)
-    load_model_weights(translator_model, read_checkpoint(args.load), args.load)
-    translator = Translator(translator_model, device, amp_dtype(device, cfg.train.amp), cfg.test.batch_size)
-    targets = [seq_index(t) for t in args.tgt]
-    sources = {seq_index(name): load_volume(path) for name, path in args.src}
+    translator = Translator(load_trained_model(cfg, args.load, device), device, amp_dtype(device, cfg.train.amp), cfg.test.batch_size)
+    targets = args.tgt
+    sources = {s: load_volume(path) for s, path in args.src}
     first = next(iter(sources.values()))
     for vol in sources.values():
         if vol.data.shape != first.data.shape:

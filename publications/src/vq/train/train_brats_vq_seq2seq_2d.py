@@ -23,15 +23,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vq.checkpoint import CheckpointError, load_model_weights, read_checkpoint, save_checkpoint
-from vq.config import ConfigError, load_config, resolve_path, save_config
-from vq.dataloader.brats import BratsDataError, SliceCache
+from vq.cli import run_main
+from vq.config import load_config, resolve_path, save_config
+from vq.dataloader.brats import SliceCache
 from vq.dataloader.datasets import load_eval_stack, make_train_loader
-from vq.dataloader.lists import DataListError, read_list
+from vq.dataloader.lists import read_list
 from vq.distributed import Dist, barrier, cleanup, init_distributed, replicas_in_sync, sum_across
 from vq.losses import PerceptualLoss
 from vq.models import build_model
-from vq.nifti import NiftiError
-from vq.runtime import DeviceError, amp_dtype, cpu_name, resolve_device, rng_state, seed_everything, set_rng_state
+from vq.runtime import amp_dtype, cpu_name, resolve_device, rng_state, seed_everything, set_rng_state
 from vq.sequences import N_SEQ, available
 from vq.training import Recipe, make_optimizer, poly_lr, translate, validate
 from vq.viz import plot_progress, sample_grid, save_png
@@ -60,14 +60,7 @@ class Stop(Exception):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return train(args)
-    except (ConfigError, DeviceError, BratsDataError, DataListError, NiftiError, CheckpointError,
-            MissingWeightsError, FileExistsError) as err:
-        log.error("%s", err)
-        return 2
+    return run_main(train, parse_args(argv), log)
 
 
 def train(args) -> int:

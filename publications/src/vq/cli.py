@@ -1,0 +1,52 @@
+"""What every script shares: common flags, loading a trained model, and errors for people.
+
+A user error (bad config key, missing file, broken subject, unavailable device,
+missing weights, results already there) ends as one logged line and exit code 2,
+never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Callable
+
+import torch
+
+from vq.checkpoint import CheckpointError, load_model_weights, read_checkpoint
+from vq.config import Config, ConfigError
+from vq.dataloader.brats import BratsDataError
+from vq.dataloader.lists import DataListError
+from vq.models import build_model
+from vq.nifti import NiftiError
+from vq.runtime import DeviceError
+from vq.weights import MissingWeightsError
+
+USER_ERRORS = (ConfigError, DeviceError, BratsDataError, DataListError, NiftiError, CheckpointError,
+               MissingWeightsError, FileExistsError)
+
+
+def add_model_args(parser: argparse.ArgumentParser, out: bool = True) -> None:
+    """The reference's flags: -d DEVICE -c CONFIG -l CHECKPOINT [-o OUT_DIR], plus --set."""
+    parser.add_argument("-d", "--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    parser.add_argument("-c", "--config", required=True, help="YAML config the model was trained with")
+    parser.add_argument("-l", "--load", required=True, help="checkpoint, e.g. RUN_DIR/ckpt_best.pth")
+    if out:
+        parser.add_argument("-o", "--out", required=True, help="output folder")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+
+
+def run_main(body: Callable[[argparse.Namespace], int | None], args: argparse.Namespace, log: logging.Logger) -> int:
+    """Run a script body with logging set up; user errors become one line and exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return body(args) or 0
+    except USER_ERRORS as err:
+        log.error("%s", err)
+        return 2
+
+
+def load_trained_model(cfg: Config, checkpoint: str, device: torch.device) -> torch.nn.Module:
+    """The config's model with the checkpoint's weights, in eval mode on `device`."""
+    model = build_model(cfg.model).to(device)
+    load_model_weights(model, read_checkpoint(checkpoint), checkpoint)
+    return model.eval()
