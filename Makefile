@@ -10,14 +10,14 @@ DEMO_RUN := outputs/ckpt/demo/phantom/2d
 DEMO_RESULTS := outputs/results/demo/phantom/2d
 DEVICE ?= cpu
 
-.PHONY: setup demo data train evaluate test clean-demo
+.PHONY: setup demo data train evaluate claims test clean-demo
 
 setup: $(STAMP)
 
 # torch/torchvision come from local files on the project's machines (pip, not uv/poetry).
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade --quiet pip setuptools wheel
+	$(PY) -m pip install --quiet "setuptools>=64" wheel
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
@@ -36,6 +36,15 @@ evaluate: train
 	@cat $(DEMO_RESULTS)/summary.md
 
 demo: evaluate
+
+# The paper's claims beyond Table 1, on the demo model (a few minutes on CPU).
+claims: train
+	$(PY) publications/src/vq/test/test_brats_vq_2d_robustness.py -d $(DEVICE) -c $(DEMO_CONFIG) \
+		-l $(DEMO_RUN)/ckpt_best.pth -o $(DEMO_RESULTS)/robustness --slices 32 --overwrite
+	@cat $(DEMO_RESULTS)/robustness/robustness.md
+	$(PY) publications/src/vq/test/test_brats_vq_2d_oneshot_seg.py -d $(DEVICE) -c $(DEMO_CONFIG) \
+		-l $(DEMO_RUN)/ckpt_best.pth -o $(DEMO_RESULTS)/oneshot --overwrite
+	@cat $(DEMO_RESULTS)/oneshot/oneshot_seg.md
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

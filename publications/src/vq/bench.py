@@ -1,0 +1,453 @@
+"""Speed of the training step and of inference, measured against the device's own peak.
+
+The pieces of `vq/tools/benchmark.py`, importable so that tests run them:
+
+- `time_train` / `time_infer`: slices/s and peak memory of the full training step
+  (the `Recipe` at a phase with contrast, sampling and domain augmentation on,
+  plus the optimizer step) and of inference (encode + decode a batch), in fp32
+  or under mixed-precision autocast.
+- `count_flops`: model FLOPs per slice of both, with `FlopCounterMode`.
+- `peak_tflops`: the device's measured peak, best of a few n x n x n matmuls.
+- `reference_step_rate`: the reference's way to train, fp32 and batch 1, each
+  step reading the subject's gzipped NIfTI volumes and normalising them.
+- `data_wait_share`: share of a real training loop spent waiting for the DataLoader.
+- `amp_check`: train from one seed in fp32 and in mixed precision, validate both.
+
+Timed steps run on a synthetic brain-like batch (a textured ellipse on the -1
+background) so that they need no data; only the reference mode, the data loop
+and the mixed-precision check read the data of the config.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from vq.config import Config, resolve_path
+from vq.dataloader.brats import SliceCache, load_subject
+from vq.dataloader.datasets import load_eval_stack, make_train_loader, train_sequences
+from vq.dataloader.lists import read_list
+from vq.dataloader.preprocess import pad_or_crop
+from vq.evaluation import Translator
+from vq.losses import PerceptualLoss
+from vq.models import build_model
+from vq.runtime import cpu_name, seed_everything
+from vq.sequences import N_SEQ, TRAIN_PAIRS, available
+from vq.training import Phase, Recipe, make_optimizer, validate
+from vq.weights import MissingWeightsError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Speed:
+    slices_per_s: float
+    peak_mem_mb: float
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def full_recipe_epoch(cfg: Config) -> int:
+    """The first epoch at which every term of the recipe the config switches on is active."""
+    return max(cfg.train.pretrain_epochs_contrast, cfg.train.pretrain_epochs_rand)
+
+
+def perceptual_for(cfg: Config, device: torch.device) -> tuple[PerceptualLoss | None, str]:
+    """The perceptual network of the config and a note on its weights.
+
+    Without the VGG19 ImageNet file, an untrained VGG19 of the same shape: it costs
+    the same time and FLOPs, which is all a benchmark needs.
+    """
+    if cfg.train.lambda_per <= 0:
+        return None, "perceptual loss off (train.lambda_per=0)"
+    try:
+        return PerceptualLoss(weights_path=cfg.train.vgg_weights).to(device), "VGG19 ImageNet weights"
+    except MissingWeightsError:
+        return (PerceptualLoss(pretrained=False, allow_random=True).to(device),
+                "VGG19 ImageNet file absent: perceptual loss timed with an untrained VGG19 of the same shape")
+
+
+def synthetic_batch(cfg: Config, batch: int, device: torch.device, seed: int = 0) -> dict:
+    """A training batch without data: (B,1,crop,crop) images in [-1, 1] and neighbouring pairs.
+
+    Each image is a smoothly textured ellipse (about 60% of the crop, like a brain
+    slice) on the -1 background, so the foreground-dependent terms (consistency,
+    contrastive, augmentation) do their usual work.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    crop = cfg.data.crop
+    axis = torch.linspace(-1, 1, crop)
+    inside = (axis[:, None] / 0.75) ** 2 + (axis[None, :] / 0.9) ** 2 < 1  # (crop, crop)
+    texture = F.interpolate(torch.rand(2 * batch, 1, 12, 12, generator=gen), size=(crop, crop),
+                            mode="bilinear", align_corners=False)  # (2B, 1, crop, crop) in [0, 1]
+    images = torch.where(inside, texture * 1.6 - 0.8, torch.tensor(-1.0))
+    pairs = torch.tensor(TRAIN_PAIRS)[torch.randint(len(TRAIN_PAIRS), (batch,), generator=gen)]  # (B, 2)
+    swap = torch.rand(batch, generator=gen) < 0.5  # either sequence of a pair may be the source
+    pairs = torch.where(swap[:, None], pairs.flip(1), pairs)
+    src, tgt = images.to(device).chunk(2)
+    return {"src": src, "tgt": tgt, "src_idx": pairs[:, 0].to(device), "tgt_idx": pairs[:, 1].to(device)}
+
+
+def _memory_format(cfg: Config) -> torch.memory_format:
+    return torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+
+
+def make_trainer(cfg: Config, device: torch.device, perceptual: PerceptualLoss | None):
+    """A fresh model (seeded), its recipe and optimizer, as the training script builds them."""
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model).to(device, memory_format=_memory_format(cfg)).train()
+    return model, Recipe(model, cfg, perceptual), make_optimizer(model, cfg)
+
+
+def train_step(recipe: Recipe, optimizer, batch: dict, epoch: int, amp: torch.dtype | None) -> dict:
+    loss, stats = recipe(batch["src"], batch["tgt"], batch["src_idx"], batch["tgt_idx"], epoch=epoch, amp=amp)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return stats
+
+
+# ----------------------------------------------------------------------------- memory
+def _vm_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+class PeakMemory:
+    """Peak memory while a block runs, in MB.
+
+    CUDA: `torch.cuda.max_memory_allocated` (tensors on the device, weights
+    included). CPU: the process's peak resident set (VmHWM, reset through
+    /proc/self/clear_refs when the block starts), so it includes the Python and
+    torch runtime (a few hundred MB); where VmHWM cannot be reset, the
+    process-lifetime `ru_maxrss`.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.mb = device, float("nan")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # 5: reset the peak RSS (VmHWM) to the current RSS
+            self.resettable = True
+        except OSError:
+            self.resettable = False
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            sync(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.resettable:
+            peak = _vm_kb("VmHWM") * 1024
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KB on Linux
+        self.mb = peak / 2**20
+        return False
+
+
+# ----------------------------------------------------------------------------- timing
+def time_train(cfg: Config, device: torch.device, amp: torch.dtype | None, perceptual: PerceptualLoss | None,
+               steps: int, warmup: int) -> Speed:
+    """Full training steps (recipe + backward + AdamW) at the config's crop and train.batch_size."""
+    model, recipe, optimizer = make_trainer(cfg, device, perceptual)
+    batch = synthetic_batch(cfg, cfg.train.batch_size, device)
+    batch.update({k: batch[k].contiguous(memory_format=_memory_format(cfg)) for k in ("src", "tgt")})
+    epoch = full_recipe_epoch(cfg)
+    for _ in range(warmup):
+        train_step(recipe, optimizer, batch, epoch, amp)
+    with PeakMemory(device) as mem:
+        sync(device)
+        tic = time.perf_counter()
+        for _ in range(steps):
+            train_step(recipe, optimizer, batch, epoch, amp)
+        sync(device)
+        seconds = time.perf_counter() - tic
+    return Speed(steps * cfg.train.batch_size / seconds, mem.mb)
+
+
+def time_infer(cfg: Config, device: torch.device, amp: torch.dtype | None, steps: int, warmup: int) -> Speed:
+    """Encode + decode of one test.batch_size batch (one target for the batch, as in evaluation)."""
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model).to(device, memory_format=_memory_format(cfg))
+    translator = Translator(model, device, amp, cfg.test.batch_size)
+    stack = synthetic_batch(cfg, cfg.test.batch_size, device)["src"].contiguous(memory_format=_memory_format(cfg))
+    for _ in range(warmup):
+        translator.translate(stack, [0, 2])
+    with PeakMemory(device) as mem:
+        sync(device)
+        tic = time.perf_counter()
+        for _ in range(steps):
+            translator.translate(stack, [0, 2])
+        sync(device)
+        seconds = time.perf_counter() - tic
+    return Speed(steps * len(stack) / seconds, mem.mb)
+
+
+def count_flops(cfg: Config, device: torch.device, perceptual: PerceptualLoss | None) -> dict[str, float]:
+    """Model FLOPs per slice: {"infer": encode + decode, "train": forward + backward of the full recipe}.
+
+    The training step is counted once; its domain augmentation (a no-grad
+    translation of each source with p = 0.5, METHOD.md step 4) is counted at its
+    expected rate: the counted step's actual number of augmented sources (seen
+    by a hook on the model's own forward, which only the augmentation calls) is
+    replaced by B/2 translations at the inference cost. The optimizer step is
+    elementwise and not counted, as FlopCounterMode counts matmuls and convs.
+    """
+    model, recipe, _ = make_trainer(cfg, device, perceptual)
+    infer = synthetic_batch(cfg, 1, device)["src"]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(infer, 0)
+    per_translation = counter.get_total_flops()
+
+    batch_size = cfg.train.batch_size
+    batch = synthetic_batch(cfg, batch_size, device)
+    augmented: list[int] = []
+    hook = model.register_forward_hook(lambda module, args, out: augmented.append(len(args[0])))
+    epoch = full_recipe_epoch(cfg)
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = recipe(batch["src"], batch["tgt"], batch["src_idx"], batch["tgt_idx"], epoch=epoch)
+        loss.backward()
+    hook.remove()
+    expected = batch_size / 2 if Phase.at(cfg, epoch).domain_aug else 0
+    train = counter.get_total_flops() + (expected - sum(augmented)) * per_translation
+    return {"train": train / batch_size, "infer": float(per_translation)}
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype, n: int = 4096, repeats: int = 3) -> float:
+    """Best of `repeats` n x n x n matmuls (after one warm-up), in TFLOP/s (2 n^3 FLOPs each)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for i in range(repeats + 1):
+        sync(device)
+        tic = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        if i:  # the first one warms up
+            best = min(best, time.perf_counter() - tic)
+    return 2 * n**3 / best / 1e12
+
+
+# ----------------------------------------------------------------------------- data
+def data_rows(cfg: Config, split: str) -> list[tuple[str, int]] | None:
+    """Subjects of a split of the config's BraTS-layout data; None (and a warning) when there is none."""
+    root, path = resolve_path(cfg.data.root), cfg.lists_dir / f"{split}.csv"
+    if not root.is_dir():
+        log.warning("data root %s not found (data.root=%s); set --set data.root=... to a BraTS-layout folder",
+                    root, cfg.data.root)
+        return None
+    if not path.is_file():
+        log.warning("data list %s not found; make it with make_data_list.py or set data.lists=...", path)
+        return None
+    return read_list(path)
+
+
+def reference_step_rate(cfg: Config, device: torch.device, perceptual: PerceptualLoss | None,
+                        steps: int, warmup: int) -> float | None:
+    """Slices/s of the reference's way to train: fp32, batch 1, every step reading NIfTI.
+
+    Each step loads the subject's two training volumes (gzipped NIfTI, nibabel),
+    normalises them, then takes one random slice pair and crop, and runs the
+    full training step. None when the config has no data (warned).
+    """
+    rows = data_rows(cfg, "train")
+    if rows is None:
+        return None
+    root, data = resolve_path(cfg.data.root), cfg.data
+    _, recipe, optimizer = make_trainer(cfg, device, perceptual)
+    rng = np.random.default_rng(cfg.seed)
+    epoch = full_recipe_epoch(cfg)
+
+    def step(k: int) -> None:
+        name, code = rows[k % len(rows)]
+        pair = [int(i) for i in rng.choice(train_sequences(code, data.missing), size=2, replace=False)]
+        volumes = load_subject(root, name, pair, data.percentile, data.n_slices)  # (2, X, Y, n_slices)
+        index = int(rng.integers(volumes.shape[-1]))
+        start = tuple(int(rng.integers(max(n - data.crop, 0) + 1)) for n in volumes.shape[1:3])
+        images = pad_or_crop(volumes[..., index], data.crop, start)  # (2, crop, crop)
+        src, tgt = torch.from_numpy(np.ascontiguousarray(images)).to(device)[:, None].chunk(2)  # (1,1,crop,crop)
+        batch = {"src": src, "tgt": tgt, "src_idx": torch.tensor(pair[:1], device=device),
+                 "tgt_idx": torch.tensor(pair[1:], device=device)}
+        train_step(recipe, optimizer, batch, epoch, None)
+
+    for k in range(warmup):
+        step(k)
+    sync(device)
+    tic = time.perf_counter()
+    for k in range(warmup, warmup + steps):
+        step(k)
+    sync(device)
+    return steps / (time.perf_counter() - tic)
+
+
+def _batches(loader):
+    """Batches of the training loader over consecutive epochs, as the training loop draws them."""
+    epoch = 0
+    while True:
+        loader.sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def data_wait_share(cfg: Config, device: torch.device, amp: torch.dtype | None,
+                    perceptual: PerceptualLoss | None, steps: int, warmup: int) -> float | None:
+    """Share of a real training loop's time spent in `next()` on the DataLoader (slice cache).
+
+    A few training subjects only (enough for the loop), so that the slice cache
+    builds quickly; the loader itself is the training script's, with its workers.
+    None when the config has no data (warned).
+    """
+    rows = data_rows(cfg, "train")
+    if rows is None:
+        return None
+    cache = SliceCache(resolve_path(cfg.data.cache_dir), resolve_path(cfg.data.root), cfg.data)
+    loader = make_train_loader(cfg, cache, rows[:max(4, cfg.train.batch_size)], seed=cfg.seed)
+    _, recipe, optimizer = make_trainer(cfg, device, perceptual)
+    epoch, batches = full_recipe_epoch(cfg), _batches(loader)
+    waited = total = 0.0
+    for k in range(warmup + steps):
+        tic = time.perf_counter()
+        batch = next(batches)
+        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items() if key != "name"}
+        got = time.perf_counter()
+        train_step(recipe, optimizer, batch, epoch, amp)
+        sync(device)
+        if k >= warmup:  # the first batches include starting the workers
+            waited += got - tic
+            total += time.perf_counter() - tic
+    return waited / total
+
+
+# ----------------------------------------------------------------------------- mixed precision
+def amp_check(cfg: Config, device: torch.device, amp: torch.dtype, steps: int) -> dict[str, float]:
+    """Validation PSNR (dB) after `steps` training steps from the same seed in fp32 and in `amp`.
+
+    Both runs see the same batches (the training loader) and the same random
+    draws; each follows the config's phases by epoch at the constant lr
+    `train.lr`, and validates in its own precision on the valid subjects'
+    central `train.val_slices` slices. Returns {"fp32": psnr, "mixed": psnr,
+    "init": psnr of the untrained model}.
+    """
+    train_rows, valid_rows = data_rows(cfg, "train"), data_rows(cfg, "valid")
+    if train_rows is None or valid_rows is None:
+        raise FileNotFoundError(f"the mixed-precision check needs data: data.root={cfg.data.root} with lists")
+    cache = SliceCache(resolve_path(cfg.data.cache_dir), resolve_path(cfg.data.root), cfg.data)
+    cache.ensure([name for name, _ in valid_rows])
+    loader = make_train_loader(cfg, cache, train_rows, seed=cfg.seed)
+    seqs = {name: available(code) for name, code in valid_rows}
+    if all(len(s) < 2 for s in seqs.values()):  # no translation to validate: use all four sequences
+        seqs = {name: list(range(N_SEQ)) for name in seqs}
+    valid = {name: {s: load_eval_stack(cache, name, s, cfg.train.val_slices) for s in s_list}
+             for name, s_list in seqs.items()}
+    perceptual, _ = perceptual_for(cfg, device)
+
+    def mean_psnr(model, precision) -> float:
+        total, count = validate(model, valid, device, cfg.test.batch_size, precision)
+        return total / count
+
+    results = {}
+    for label, precision in (("fp32", None), ("mixed", amp)):
+        model, recipe, optimizer = make_trainer(cfg, device, perceptual)
+        if label == "fp32":
+            results["init"] = mean_psnr(model, None)
+        for step, batch in zip(range(steps), _batches(loader)):
+            batch = {key: value.to(device) for key, value in batch.items() if key != "name"}
+            train_step(recipe, optimizer, batch, step // loader.sampler.batches_per_epoch, precision)
+        results[label] = mean_psnr(model, precision)
+        log.info("%s: validation PSNR %.3f dB after %d steps", label, results[label], steps)
+    return results
+
+
+# ----------------------------------------------------------------------------- the whole benchmark
+@dataclass
+class Options:
+    steps: int = 5
+    warmup: int = 2
+    skip_fp32: bool = False
+    peak_size: int = 4096
+
+
+def run(cfg: Config, config_name: str, device: torch.device, mixed: torch.dtype,
+        options: Options) -> tuple[dict, list[str]]:
+    """All measurements; returns the JSON record and notes (what was substituted or skipped)."""
+    notes = []
+    perceptual, note = perceptual_for(cfg, device)
+    notes.append(note)
+    precisions = {"mixed": mixed} if options.skip_fp32 else {"fp32": None, "mixed": mixed}
+    steps, warmup = options.steps, options.warmup
+
+    log.info("counting FLOPs")
+    flops = count_flops(cfg, device, perceptual)
+    log.info("peak matmul throughput (%d^3)", options.peak_size)
+    peak = {"fp32": peak_tflops(device, torch.float32, options.peak_size),
+            "bf16": peak_tflops(device, mixed, options.peak_size)}
+    if mixed != torch.bfloat16:
+        notes.append(f"mixed precision is {mixed} on this device; peak_tflops.bf16 is its {mixed} peak")
+
+    record: dict = {"train": {}, "infer": {}}
+    for label, precision in precisions.items():
+        peak_of = peak["fp32" if precision is None else "bf16"] * 1e12
+        log.info("timing the training step, %s", label)
+        speed = time_train(cfg, device, precision, perceptual, steps, warmup)
+        record["train"][label] = _entry(speed, flops["train"], peak_of)
+        log.info("timing inference, %s", label)
+        speed = time_infer(cfg, device, precision, steps, warmup)
+        record["infer"][label] = _entry(speed, flops["infer"], peak_of)
+
+    log.info("reference mode (fp32, batch 1, NIfTI read every step)")
+    reference = reference_step_rate(cfg, device, perceptual, steps, warmup)
+    if reference is None:
+        notes.append(f"reference mode skipped: no BraTS-layout data at data.root={cfg.data.root}")
+    log.info("data loader wait in a real loop")
+    wait = data_wait_share(cfg, device, mixed, perceptual, steps, warmup)
+    if wait is None:
+        notes.append(f"data wait skipped: no BraTS-layout data at data.root={cfg.data.root}")
+    device_name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+    return {"device": device_name, "cpu": cpu_name(), "config": config_name,
+            "peak_tflops": peak, "flops_per_slice": flops, "reference_mode": {"slices_per_s": reference},
+            **record, "data_wait_share": wait}, notes
+
+
+def _entry(speed: Speed, flops_per_slice: float, peak_flops: float) -> dict[str, float]:
+    return {"slices_per_s": speed.slices_per_s, "peak_mem_mb": speed.peak_mem_mb,
+            "utilisation": speed.slices_per_s * flops_per_slice / peak_flops}
+
+
+def format_table(result: dict, notes: list[str] = ()) -> str:
+    """The benchmark record as a readable table."""
+    reference = result["reference_mode"]["slices_per_s"]
+    lines = [f"device: {result['device']} | {result['cpu']}", f"config: {result['config']}",
+             f"peak (matmul): fp32 {result['peak_tflops']['fp32']:.3f} TFLOP/s, "
+             f"bf16 {result['peak_tflops']['bf16']:.3f} TFLOP/s",
+             f"model FLOPs per slice: train {result['flops_per_slice']['train'] / 1e9:.2f} G, "
+             f"infer {result['flops_per_slice']['infer'] / 1e9:.2f} G", "",
+             f"{'':14}{'slices/s':>10}{'peak MB':>10}{'util.':>8}{'x ref.':>8}"]
+    for task in ("train", "infer"):
+        for label, entry in result[task].items():
+            speedup = f"{entry['slices_per_s'] / reference:.1f}" if task == "train" and reference else "-"
+            lines.append(f"{task + ' ' + label:14}{entry['slices_per_s']:10.3f}{entry['peak_mem_mb']:10.0f}"
+                         f"{100 * entry['utilisation']:7.1f}%{speedup:>8}")
+    lines.append(f"{'reference':14}{reference:10.3f}" if reference else f"{'reference':14}{'skipped':>10}")
+    wait = result["data_wait_share"]
+    lines.append(f"data loader wait: {100 * wait:.1f}% of step time" if wait is not None
+                 else "data loader wait: skipped")
+    lines += [f"note: {n}" for n in notes]
+    return "\n".join(lines)
