@@ -33,7 +33,6 @@ train: data
 evaluate: train
 	$(PY) publications/src/vq/test/test_brats_vq_2d_metrics.py -d $(DEVICE) -c $(DEMO_CONFIG) \
 		-l $(DEMO_RUN)/ckpt_best.pth -o $(DEMO_RESULTS) --overwrite
-	@cat $(DEMO_RESULTS)/summary.md
 
 demo: evaluate
 

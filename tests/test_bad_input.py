@@ -107,3 +107,16 @@ def test_existing_results_are_not_overwritten(trained_run, phantom_dir, tmp_path
     assert evaluate_main(eval_args(trained_run, phantom_dir, out)) == 2
     assert (out / "result_metrics.csv").read_text() == "name,src,tgt\n"
     assert "--overwrite" in caplog.text
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_naming_keys(trained_run, phantom_dir, tmp_path, caplog):
+    args = eval_args(trained_run, phantom_dir, tmp_path / "out") + ["model.base_channels=8"]
+    assert evaluate_main(args) == 2
+    error = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"][-1]
+    assert "does not match the model" in error and "encoder." in error
+
+
+def test_a_mistyped_config_value_names_the_key(caplog):
+    code = train_main(["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set", "train.batch_size=four"])
+    assert code == 2
+    assert "train.batch_size: expected an integer" in caplog.text

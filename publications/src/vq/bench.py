@@ -11,7 +11,8 @@ The pieces of `vq/tools/benchmark.py`, importable so that tests run them:
 - `reference_step_rate`: the reference's way to train, fp32 and batch 1, each
   step reading the subject's gzipped NIfTI volumes and normalising them.
 - `data_wait_share`: share of a real training loop spent waiting for the DataLoader.
-- `amp_check`: train from one seed in fp32 and in mixed precision, validate both.
+- `train_then_validate` / `amp_check`: train from one seed in fp32 and in mixed
+  precision on the same batches, validate both.
 
 Timed steps run on a synthetic brain-like batch (a textured ellipse on the -1
 background) so that they need no data; only the reference mode, the data loop
@@ -19,9 +20,11 @@ and the mixed-precision check read the data of the config.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import resource
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +42,7 @@ from vq.losses import PerceptualLoss
 from vq.models import build_model
 from vq.runtime import cpu_name, seed_everything
 from vq.sequences import N_SEQ, TRAIN_PAIRS, available
-from vq.training import Phase, Recipe, make_optimizer, validate
+from vq.training import Phase, Recipe, make_optimizer, poly_lr, validate
 from vq.weights import MissingWeightsError
 
 log = logging.getLogger(__name__)
@@ -71,9 +74,10 @@ def perceptual_for(cfg: Config, device: torch.device) -> tuple[PerceptualLoss | 
         return None, "perceptual loss off (train.lambda_per=0)"
     try:
         return PerceptualLoss(weights_path=cfg.train.vgg_weights).to(device), "VGG19 ImageNet weights"
-    except MissingWeightsError:
+    except MissingWeightsError as err:
+        log.warning("%s", err)
         return (PerceptualLoss(pretrained=False, allow_random=True).to(device),
-                "VGG19 ImageNet file absent: perceptual loss timed with an untrained VGG19 of the same shape")
+                "VGG19 ImageNet weights not found: perceptual loss timed with an untrained VGG19 of the same shape")
 
 
 def synthetic_batch(cfg: Config, batch: int, device: torch.device, seed: int = 0) -> dict:
@@ -264,9 +268,10 @@ def reference_step_rate(cfg: Config, device: torch.device, perceptual: Perceptua
                         steps: int, warmup: int) -> float | None:
     """Slices/s of the reference's way to train: fp32, batch 1, every step reading NIfTI.
 
-    Each step loads the subject's two training volumes (gzipped NIfTI, nibabel),
-    normalises them, then takes one random slice pair and crop, and runs the
-    full training step. None when the config has no data (warned).
+    Each step, in turn and without loader workers, loads the subject's two
+    training volumes (gzipped NIfTI, nibabel), normalises them, takes one random
+    slice pair and crop, and runs the full training step. None when the config
+    has no data (warned).
     """
     rows = data_rows(cfg, "train")
     if rows is None:
@@ -337,14 +342,30 @@ def data_wait_share(cfg: Config, device: torch.device, amp: torch.dtype | None,
 
 
 # ----------------------------------------------------------------------------- mixed precision
+def train_then_validate(cfg: Config, device: torch.device, amp: torch.dtype | None,
+                        batches: Iterable[tuple[int, dict]], steps: int,
+                        valid: dict[str, dict[int, torch.Tensor]], perceptual: PerceptualLoss | None = None) -> float:
+    """Train a fresh model (seed `cfg.seed`) on `steps` (epoch, batch) items, then its mean validation PSNR.
+
+    The lr follows the config's polynomial decay compressed to `steps` (so the
+    run settles by its end); validation runs in the training precision.
+    """
+    model, recipe, optimizer = make_trainer(cfg, device, perceptual)
+    schedule = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=steps))
+    for step, (epoch, batch) in zip(range(steps), batches):
+        for group in optimizer.param_groups:
+            group["lr"] = poly_lr(schedule, step)
+        train_step(recipe, optimizer, {key: value.to(device) for key, value in batch.items()}, epoch, amp)
+    total, count = validate(model, valid, device, cfg.test.batch_size, amp)
+    return total / count
+
+
 def amp_check(cfg: Config, device: torch.device, amp: torch.dtype, steps: int) -> dict[str, float]:
     """Validation PSNR (dB) after `steps` training steps from the same seed in fp32 and in `amp`.
 
-    Both runs see the same batches (the training loader) and the same random
-    draws; each follows the config's phases by epoch at the constant lr
-    `train.lr`, and validates in its own precision on the valid subjects'
-    central `train.val_slices` slices. Returns {"fp32": psnr, "mixed": psnr,
-    "init": psnr of the untrained model}.
+    Both runs see the same batches (the training loader, phases by its epochs)
+    and the same random draws, and validate on the valid subjects' central
+    `train.val_slices` slices. Returns {"fp32": psnr, "mixed": psnr}.
     """
     train_rows, valid_rows = data_rows(cfg, "train"), data_rows(cfg, "valid")
     if train_rows is None or valid_rows is None:
@@ -355,23 +376,18 @@ def amp_check(cfg: Config, device: torch.device, amp: torch.dtype, steps: int) -
     seqs = {name: available(code) for name, code in valid_rows}
     if all(len(s) < 2 for s in seqs.values()):  # no translation to validate: use all four sequences
         seqs = {name: list(range(N_SEQ)) for name in seqs}
-    valid = {name: {s: load_eval_stack(cache, name, s, cfg.train.val_slices) for s in s_list}
-             for name, s_list in seqs.items()}
+    valid = {name: {s: load_eval_stack(cache, name, s, cfg.train.val_slices) for s in names}
+             for name, names in seqs.items()}
     perceptual, _ = perceptual_for(cfg, device)
+    per_epoch = loader.sampler.batches_per_epoch
 
-    def mean_psnr(model, precision) -> float:
-        total, count = validate(model, valid, device, cfg.test.batch_size, precision)
-        return total / count
+    def batches():
+        for step, batch in enumerate(_batches(loader)):
+            yield step // per_epoch, {key: value for key, value in batch.items() if key != "name"}
 
     results = {}
     for label, precision in (("fp32", None), ("mixed", amp)):
-        model, recipe, optimizer = make_trainer(cfg, device, perceptual)
-        if label == "fp32":
-            results["init"] = mean_psnr(model, None)
-        for step, batch in zip(range(steps), _batches(loader)):
-            batch = {key: value.to(device) for key, value in batch.items() if key != "name"}
-            train_step(recipe, optimizer, batch, step // loader.sampler.batches_per_epoch, precision)
-        results[label] = mean_psnr(model, precision)
+        results[label] = train_then_validate(cfg, device, precision, batches(), steps, valid, perceptual)
         log.info("%s: validation PSNR %.3f dB after %d steps", label, results[label], steps)
     return results
 

@@ -64,8 +64,7 @@ def main(argv=None) -> int:
         if args.amp_check:
             psnr = amp_check(cfg, device, mixed, args.amp_check)
             print(f"validation PSNR after {args.amp_check} steps: fp32 {psnr['fp32']:.3f} dB, "
-                  f"mixed ({mixed}) {psnr['mixed']:.3f} dB, difference {psnr['mixed'] - psnr['fp32']:+.3f} dB "
-                  f"(untrained {psnr['init']:.3f} dB)")
+                  f"mixed ({mixed}) {psnr['mixed']:.3f} dB, difference {psnr['mixed'] - psnr['fp32']:+.3f} dB")
             return 0
         options = Options(steps=args.steps, warmup=args.warmup, skip_fp32=args.skip_fp32, peak_size=args.peak_size)
         result, notes = run(cfg, args.config, device, mixed, options)
