@@ -99,10 +99,10 @@ def score(pred: torch.Tensor, target: torch.Tensor, lpips: LPIPSMetric | None) -
     return row
 
 
-def write_metrics(rows: list[dict], path: str | Path) -> Path:
-    """result_metrics.csv; NaN (LPIPS unavailable) becomes an empty cell."""
+def write_metrics(rows: list[dict], path: str | Path, columns: list[str] = METRIC_COLUMNS) -> Path:
+    """A metrics CSV (result_metrics.csv by default); NaN (LPIPS unavailable) becomes an empty cell."""
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, METRIC_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: "" if isinstance(v, float) and math.isnan(v) else

@@ -16,7 +16,6 @@ Both models of --compare see the very same corrupted inputs.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import math
 import sys
@@ -34,7 +33,7 @@ from vq.corruptions import CORRUPTIONS, corrupt
 from vq.dataloader.brats import SliceCache
 from vq.dataloader.datasets import load_eval_stack
 from vq.dataloader.lists import read_list
-from vq.evaluation import Translator, score
+from vq.evaluation import Translator, score, write_metrics
 from vq.metrics import LPIPSMetric, psnr
 from vq.runtime import amp_dtype, resolve_device
 from vq.sequences import N_SEQ, SEQUENCES, available, missing
@@ -146,13 +145,7 @@ def run(args) -> None:
 
 
 def write_rows(rows: list[dict], path: Path) -> None:
-    """NaN (LPIPS unavailable) becomes an empty cell."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if isinstance(v, float) and math.isnan(v) else
-                             (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    write_metrics(rows, path, COLUMNS)
 
 
 def means(rows: list[dict], key: str) -> dict[tuple[str, str, int], float]:
