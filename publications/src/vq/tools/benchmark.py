@@ -21,6 +21,8 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 from vq.bench import Options, amp_check, format_table, run
 from vq.config import ConfigError, load_config
 from vq.dataloader.brats import BratsDataError
@@ -58,11 +60,13 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.set)
         device = resolve_device(args.device)
-        mixed = amp_dtype(device, "auto")
-        if mixed is None:
-            raise DeviceError(f"no mixed precision on {device}; benchmark on cpu or cuda")
+        if device.type not in ("cpu", "cuda"):
+            raise DeviceError(f"the benchmark runs on cpu or cuda, not {device}")
+        mixed = amp_dtype(device, "auto")  # None on a CPU without bf16 units: fp32 is how it trains
         if args.amp_check:
-            psnr = amp_check(cfg, device, mixed, args.amp_check)
+            if mixed is None:
+                log.warning("no bf16 units on this CPU: the check runs emulated bf16, much slower than fp32")
+            psnr = amp_check(cfg, device, mixed or torch.bfloat16, args.amp_check)
             print(f"validation PSNR after {args.amp_check} steps: fp32 {psnr['fp32']:.3f} dB, "
                   f"mixed ({mixed}) {psnr['mixed']:.3f} dB, difference {psnr['mixed'] - psnr['fp32']:+.3f} dB")
             return 0
