@@ -14,9 +14,10 @@ from vq.config import Config, DataConfig
 from vq.dataloader.augment import IntensityAugment
 from vq.dataloader.brats import BratsDataError, SliceCache, load_subject, subject_files
 from vq.dataloader.datasets import PairDataset, eval_pairs, load_eval_stack, make_train_loader
-from vq.dataloader.lists import DataListError, read_list
+from vq.dataloader.lists import DataListError, read_list, spread_codes
 from vq.dataloader.preprocess import central_slices, normalize, pad_or_crop
-from vq.sequences import SEQUENCES
+from vq.sequences import CODES as PATTERNS
+from vq.sequences import SEQUENCES, available
 from vq.tools.make_data_list import main as make_data_list
 
 SHAPE = (40, 48, 20)  # (X, Y, Z): non-square, so a swapped crop axis would show
@@ -290,6 +291,19 @@ def test_make_data_list(tmp_path, brats, capsys):
     (brats / "S2" / "S2_seg.nii.gz").unlink()
     with pytest.raises(SystemExit, match=r"subject S2: missing file .*S2_seg\.nii\.gz"):
         make_data_list(["--root", str(brats), "-o", str(tmp_path / "lists")])
+
+
+def test_codes_spread_evenly_and_small_splits_get_a_random_mix():
+    import collections
+    import random
+
+    counts = collections.Counter(spread_codes(3 * len(PATTERNS) + 5, random.Random(0)))
+    assert set(counts) == set(PATTERNS) and max(counts.values()) - min(counts.values()) == 1
+    # a 6-subject split is not always patterns 1..6 (none of which has T1): over seeds, every pattern shows up
+    small = [spread_codes(6, random.Random(seed)) for seed in range(20)]
+    assert all(len(set(codes)) == 6 for codes in small)
+    assert set().union(*small) == set(PATTERNS)
+    assert sum(0 in available(code) for codes in small for code in codes) > 30
 
 
 def test_data_list_errors(tmp_path):

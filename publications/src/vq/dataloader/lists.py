@@ -58,8 +58,14 @@ def write_list(path: str | Path, rows: list[tuple[str, int]]) -> Path:
 
 
 def spread_codes(n: int, rng: random.Random) -> list[int]:
-    """n availability codes with the 14 patterns spread evenly (counts differ by at most one)."""
-    codes = [CODES[i % len(CODES)] for i in range(n)]
+    """n availability codes with the 14 patterns spread evenly (counts differ by at most one).
+
+    Whole rounds of all patterns, then a random choice of distinct patterns for the
+    rest: a split smaller than 14 gets a random mix, not always codes 1..n (which
+    would never make T1 available, as codes below 8 have no T1).
+    """
+    patterns = list(CODES)
+    codes = patterns * (n // len(patterns)) + rng.sample(patterns, n % len(patterns))
     rng.shuffle(codes)
     return codes
 
