@@ -132,3 +132,33 @@ def test_bf16_autocast_forward_keeps_quantizer_in_fp32(model):
     assert dtypes == [torch.float32] and enc.latent.dtype == torch.float32
     assert enc.loss_vq.dtype == torch.float32
     assert out.shape == (2, 1, 32, 32) and torch.isfinite(out).all()
+
+
+def test_idle_codes_restart_onto_encoder_outputs_only_when_asked():
+    """With the paper's +-1/K init, z_e far outside the codebook picks only hull codes; restarts spread them."""
+    torch.manual_seed(0)
+    z_e = torch.randn(4, 3, 8, 8)  # 256 positions, scale 1 against codes within 1/256
+    paper = VectorQuantizer(256, 3).train()
+    before = paper.embedding.weight.detach().clone()
+    for _ in range(3):
+        used = paper(z_e).indices.unique().numel()
+    assert used < 30  # collapse: a few hull codes
+    assert torch.equal(paper.embedding.weight, before)  # nothing moves without restarts (no optimizer here)
+
+    restart = VectorQuantizer(256, 3, restart_after=2).train()
+    before = restart.embedding.weight.detach().clone()
+    for _ in range(4):
+        out = restart(z_e)
+    assert out.indices.unique().numel() > 3 * used
+    points = z_e.permute(0, 2, 3, 1).reshape(-1, 3)
+    moved = ~torch.isclose(restart.embedding.weight, before).all(1)
+    assert moved.sum() > 200
+    gaps = (restart.embedding.weight[moved, None] - points[None]).norm(dim=2).min(1).values
+    assert gaps.max() < 1e-6  # onto real z_e
+    paper.load_state_dict(restart.state_dict())  # restart_after is a training setting, not architecture
+
+    frozen = restart.embedding.weight.detach().clone()
+    restart.eval()
+    for _ in range(4):
+        restart(z_e * 3)
+    assert torch.equal(restart.embedding.weight, frozen)  # evaluation never changes the codebook

@@ -161,3 +161,29 @@ def test_a_killed_run_resumes_to_the_same_end(trained_run, phantom_dir, tmp_path
     ref, resumed = read_log(whole), read_log(killed)
     assert max(resumed) == max(ref) == 12
     assert float(resumed[12]["loss"]) == pytest.approx(float(ref[12]["loss"]), rel=1e-4)
+
+
+def test_activation_checkpointing_changes_memory_not_the_result(phantom_dir, tmp_path):
+    """train.checkpointing recomputes encoder, decoder and VGG blocks in backward: same loss, same gradients."""
+    from vq.bench import full_recipe_epoch, synthetic_batch
+    from vq.losses import PerceptualLoss
+
+    results = []
+    for recompute in (False, True):
+        cfg = load_config(CONFIGS / "vqseq2seq_brats_2d_missing_3_256.yaml", tiny_overrides(phantom_dir, tmp_path)
+                          + ["model.base_channels=8", f"train.checkpointing={recompute}"])
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        perceptual = PerceptualLoss(pretrained=False, allow_random=True)
+        recipe = Recipe(model, cfg, perceptual)
+        assert model.decoder.recompute is recompute and perceptual.recompute is recompute
+        batch = synthetic_batch(cfg, 2, torch.device("cpu"))
+        torch.manual_seed(1)  # the same augmentation, sampling and domain-augmentation draws
+        loss, _ = recipe(batch["src"], batch["tgt"], batch["src_idx"], batch["tgt_idx"], epoch=full_recipe_epoch(cfg))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5)
+    assert len(grads_a) == len(grads_b) > 20
+    for a, b in zip(grads_a, grads_b):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)

@@ -62,6 +62,8 @@ class ModelConfig:
     beta: float = 0.25
     legacy_beta: bool = True
     """True: beta weights the codebook term ||z_q - sg[z_e]||^2 (the reference's form)."""
+    restart_after: int = 0
+    """Move a code unused for this many training steps onto a random z_e; 0 = never (the paper)."""
     code_dim: int = 64
     """c_s: length of the target-sequence code."""
     n_kernels: int = 16
@@ -96,8 +98,10 @@ class TrainConfig:
     vgg_weights: str | None = None
     """Local VGG19 ImageNet weights file; None = torchvision's cache."""
     amp: str = "auto"
-    """Mixed precision: auto (bf16 on CPU/CUDA), bf16, fp16 (CUDA), none."""
+    """Mixed precision: auto (bf16 on CUDA, fp16 where CUDA lacks bf16; bf16 on CPUs with bf16 units, else fp32), bf16, fp16 (CUDA), none."""
     channels_last: bool = False
+    checkpointing: bool = False
+    """Activation checkpointing of encoder, decoder and VGG blocks: far less memory, about 1/3 more compute."""
     compile: bool = False
     val_slices: int = 16
     """Central slices per volume used by validation."""
@@ -232,6 +236,7 @@ def _validate(cfg: Config) -> None:
         (cfg.train.amp in ("auto", "bf16", "fp16", "none"), "train.amp must be auto, bf16, fp16 or none"),
         (cfg.data.crop % (2 ** cfg.model.n_down) == 0, "data.crop must be divisible by 2**model.n_down"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.model.restart_after >= 0, "model.restart_after must be >= 0 (0 = no codebook restarts)"),
         (cfg.data.n_slices >= 1, "data.n_slices must be >= 1"),
         (0 < cfg.train.contrast_keep <= 1, "train.contrast_keep must be in (0, 1]"),
         (len(cfg.train.betas) == 2, "train.betas must have two values"),

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torchvision.models import VGG19_Weights
 from torchvision.models.vgg import cfgs, make_layers
 
+from .models.vq_seq2seq import run_block
 from .weights import load_pretrained_state
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ class PerceptualLoss(nn.Module):
             raise ValueError("PerceptualLoss(pretrained=False) needs allow_random=True (benchmarks/tests only)")
         layers = [nn.AvgPool2d(m.kernel_size, m.stride) if isinstance(m, nn.MaxPool2d) else m for m in features]
         self.vgg = nn.Sequential(*layers).eval().requires_grad_(False)
+        self.recompute = False
+        """Activation checkpointing per VGG block in `per_sample` (train.checkpointing)."""
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
 
@@ -97,10 +100,13 @@ class PerceptualLoss(nn.Module):
         self.vgg.eval()  # frozen feature extractor, whatever the caller's mode
         return self
 
+    def _input(self, images: Tensor) -> Tensor:
+        x = ((images + 1) / 2).expand(-1, 3, -1, -1)  # [-1, 1] -> [0, 1], grey -> RGB
+        return (x - self.mean) / self.std
+
     def features(self, images: Tensor) -> list[Tensor]:
         """(B, 1, H, W) in [-1, 1] -> the 13 ReLU outputs, (B, C_l, H_l, W_l) each."""
-        x = ((images + 1) / 2).expand(-1, 3, -1, -1)
-        x = (x - self.mean) / self.std
+        x = self._input(images)
         out = []
         for layer in self.vgg:
             x = layer(x)
@@ -114,11 +120,27 @@ class PerceptualLoss(nn.Module):
         return self.features(target)
 
     def per_sample(self, preds: Tensor, target_feats: list[Tensor]) -> Tensor:
-        """(N, 1, H, W) predictions vs precomputed target features (N rows each) -> (N,) losses."""
-        loss = 0.0
-        for p, t in zip(self.features(preds), target_feats):
-            loss = loss + (p.float() - t.float()).pow(2).flatten(1).mean(1)
+        """(N, 1, H, W) predictions vs precomputed target features (N rows each) -> (N,) losses.
+
+        Runs VGG block by block (a block ends at a pooling layer), each block
+        returning its output and its layers' losses, so that with `recompute`
+        only the block inputs are kept for backward.
+        """
+        x, loss, feats = self._input(preds), 0.0, iter(target_feats)
+        for block in self._blocks():
+            targets = [next(feats) for layer in block if isinstance(layer, nn.ReLU)]
+            x, part = run_block(_block_loss, block, x, *targets, recompute=self.recompute)
+            loss = loss + part
         return loss
+
+    def _blocks(self) -> list[list[nn.Module]]:
+        blocks, current = [], []
+        for layer in self.vgg:
+            if isinstance(layer, nn.AvgPool2d) and current:
+                blocks.append(current)
+                current = []
+            current.append(layer)
+        return blocks + [current]
 
     def forward(self, preds: Tensor | Sequence[Tensor], target: Tensor | list[Tensor]) -> Tensor:
         """preds: (B, 1, H, W) or a list of n of them; target: (B, 1, H, W) or its features -> scalar."""
@@ -131,6 +153,16 @@ class PerceptualLoss(nn.Module):
             p = p.float().unflatten(0, (n, -1))  # (n*B, C, h, w) -> (n, B, C, h, w)
             loss = loss + n * (p - t.float().unsqueeze(0)).pow(2).mean()  # n x mean = sum over preds
         return loss
+
+
+def _block_loss(layers: list[nn.Module], x: Tensor, *targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Run VGG layers; the per-sample feature MSE at each ReLU against the next target: -> (x, (N,) loss)."""
+    loss, targets = 0.0, iter(targets)
+    for layer in layers:
+        x = layer(x)
+        if isinstance(layer, nn.ReLU):
+            loss = loss + (x.float() - next(targets).float()).pow(2).flatten(1).mean(1)
+    return x, loss
 
 
 # ----------------------------------------------------------------------------- consistency

@@ -54,6 +54,10 @@ class Recipe(nn.Module):
         super().__init__()
         self.model, self.cfg = model, cfg
         self.perceptual = perceptual
+        if cfg.train.checkpointing:  # trade compute for memory (large batches, big crops)
+            model.set_checkpointing(True)
+            if perceptual is not None:
+                perceptual.recompute = True
         self.augment = IntensityAugment() if cfg.data.augment else None
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_idx: torch.Tensor, tgt_idx: torch.Tensor,

@@ -5,12 +5,20 @@ reference uses (beta on the codebook term); `legacy=False` moves beta to the
 commitment term, as in the VQ-VAE paper. Both forms have the same value, only
 the gradients differ: legacy pulls the encoder with weight 1 and the codebook
 with weight beta.
+
+Codebook collapse: with METHOD.md's init (uniform in +-1/K, far inside the
+encoder's outputs) the nearest code of almost every z_e is one of the few
+codebook vectors on the hull of that cloud, and the other codes never move.
+`restart_after=N` (off by default, as in the paper) moves a code that no
+position chose in N training steps onto a random z_e of the current batch,
+the common dead-code restart of VQ training.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -25,11 +33,16 @@ class QuantizerOutput(NamedTuple):
 
 
 class VectorQuantizer(nn.Module):
-    def __init__(self, n_embed: int, embed_dim: int, beta: float = 0.25, legacy: bool = True):
+    def __init__(self, n_embed: int, embed_dim: int, beta: float = 0.25, legacy: bool = True,
+                 restart_after: int = 0):
         super().__init__()
         self.n_embed, self.embed_dim, self.beta, self.legacy = n_embed, embed_dim, beta, legacy
+        self.restart_after = restart_after
         self.embedding = nn.Embedding(n_embed, embed_dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / n_embed, 1.0 / n_embed)
+        # training steps since each code was last chosen (counted only when restarts are on); saved
+        # always, so that a checkpoint loads whatever restart_after the loading config has
+        self.register_buffer("idle_steps", torch.zeros(n_embed, dtype=torch.long))
 
     def distances(self, z_flat: torch.Tensor) -> torch.Tensor:
         """Squared distances (N, D) -> (N, K) to every codebook vector, always fp32.
@@ -47,7 +60,14 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(z_e.device.type, enabled=False):  # fp32 lookup and loss, see distances()
             z = z_e.float()
             z_flat = z.permute(0, 2, 3, 1).reshape(-1, D)  # (B, D, H, W) -> (B*H*W, D)
+            # restarts follow the one gradient-taking encoding of each training step (the
+            # no-grad translations of domain augmentation run on some replicas only)
+            restarts = self.training and self.restart_after > 0 and torch.is_grad_enabled()
+            if restarts:
+                self._restart_idle_codes(z_flat.detach())
             indices = self.distances(z_flat).argmin(1)  # (B*H*W,)
+            if restarts:
+                self._count_use(indices)
             z_q = F.embedding(indices, self.embedding.weight.float())  # (B*H*W, D)
             z_q = z_q.view(B, H, W, D).permute(0, 3, 1, 2)  # -> (B, D, H, W)
 
@@ -60,6 +80,28 @@ class VectorQuantizer(nn.Module):
 
             z_q = z + (z_q - z).detach()  # straight-through: forward z_q, backward identity to z_e
         return QuantizerOutput(z_q, indices.view(B, H, W), loss)
+
+    @torch.no_grad()
+    def _count_use(self, indices: torch.Tensor) -> None:
+        used = torch.bincount(indices, minlength=self.n_embed)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(used)  # every replica keeps the same counters
+        self.idle_steps += 1
+        self.idle_steps[used > 0] = 0
+
+    @torch.no_grad()
+    def _restart_idle_codes(self, z_flat: torch.Tensor) -> None:
+        """Move codes idle for `restart_after` steps onto random z_e of this batch (before the lookup,
+        so that autograd sees the codebook as it is used in this call)."""
+        dead = (self.idle_steps >= self.restart_after).nonzero().flatten()
+        if len(dead) == 0:
+            return
+        picks = torch.randint(len(z_flat), (len(dead),), device=z_flat.device)
+        new = z_flat[picks].to(self.embedding.weight.dtype)
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(new, src=0)  # the same codebook on every replica
+        self.embedding.weight[dead] = new
+        self.idle_steps[dead] = 0
 
     @torch.no_grad()
     def codebook_usage(self, indices: torch.Tensor) -> dict[str, float]:

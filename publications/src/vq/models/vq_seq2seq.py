@@ -13,6 +13,7 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from ..sequences import N_SEQ, seq_index
@@ -30,6 +31,14 @@ def conv_norm_act(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1) ->
         nn.InstanceNorm2d(out_ch),
         nn.LeakyReLU(0.2),
     )
+
+
+def run_block(block, *args, recompute: bool = False):
+    """block(*args); with `recompute`, under autograd, through activation checkpointing:
+    only the block's inputs are kept and its forward runs again in backward."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 class ResBlock(nn.Module):
@@ -60,9 +69,13 @@ class Encoder(nn.Module):
         layers += [ResBlock(ch) for _ in range(n_res)]
         self.net = nn.Sequential(*layers)
         self.out_channels = ch
+        self.recompute = False
+        """Activation checkpointing per layer (train.checkpointing)."""
 
     def forward(self, x):
-        return self.net(x)
+        for layer in self.net:
+            x = run_block(layer, x, recompute=self.recompute)
+        return x
 
 
 class HyperResBlock(nn.Module):
@@ -103,6 +116,8 @@ class Decoder(nn.Module):
         self.res = nn.ModuleList(HyperResBlock(ch, code_dim, n_kernels) for _ in range(n_res))
         self.up = nn.ModuleList(HyperUp(ch // 2**i, code_dim, n_kernels) for i in range(n_down))
         self.out = HyperConv2d(base_channels, 1, 7, code_dim, n_kernels)
+        self.recompute = False
+        """Activation checkpointing per block (train.checkpointing)."""
 
     def forward(self, x, code):
         code = self.embed(code)  # (B, code_dim)
@@ -112,8 +127,8 @@ class Decoder(nn.Module):
         if groups.order is not None:
             x, code = x[groups.order], code[groups.order]
         for block in [*self.res, *self.up]:
-            x = block(x, code, groups)
-        out = torch.tanh(self.out(x, code, groups))  # (B, 1, H, W)
+            x = run_block(block, x, code, groups, recompute=self.recompute)
+        out = run_block(self.out, x, code, groups, recompute=self.recompute).tanh()  # (B, 1, H, W)
         return out if groups.order is None else out[groups.order.argsort()]  # back to input order
 
 
@@ -138,7 +153,8 @@ class VQSeq2Seq(nn.Module):
         ch = self.encoder.out_channels
         if cfg.quantize:
             self.quant_conv = nn.Conv2d(ch, cfg.embed_dim, 1)  # (B, 4C, h, w) -> (B, D, h, w)
-            self.quantizer = VectorQuantizer(cfg.n_embed, cfg.embed_dim, cfg.beta, cfg.legacy_beta)
+            self.quantizer = VectorQuantizer(cfg.n_embed, cfg.embed_dim, cfg.beta, cfg.legacy_beta,
+                                             cfg.restart_after)
             self.post_quant_conv = nn.Conv2d(cfg.embed_dim, ch, 1)  # (B, D, h, w) -> (B, 4C, h, w)
         else:
             self.quant_conv = self.quantizer = self.post_quant_conv = None
@@ -147,6 +163,10 @@ class VQSeq2Seq(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def set_checkpointing(self, enabled: bool) -> None:
+        """Activation checkpointing in encoder and decoder: less memory, about a third more compute."""
+        self.encoder.recompute = self.decoder.recompute = enabled
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
