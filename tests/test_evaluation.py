@@ -317,3 +317,23 @@ def test_synthesize_keeps_any_orientation(trained_run, small_scans, tmp_path):
                                                                                      "flair_from_t1.nii.gz")
     assert plain.shape == turned.shape and plain.std() > 0
     assert np.allclose(plain, turned, atol=1e-5)
+
+
+def test_a_shared_memo_computes_shared_prefixes_once(trained_run, monkeypatch):
+    overrides, _ = trained_run
+    torch.manual_seed(0)
+    translator = Translator(build_model(load_config(CONFIG, overrides).model), torch.device("cpu"), None, 4)
+    stack = torch.rand(5, 1, 32, 32) * 2 - 1
+    paths = [[0, 1], [0, 2], [0, 3], [0, 1, 2], [0, 1, 2, 3]]
+    alone = [translator.translate(stack, path) for path in paths]
+    calls = {"encode": 0, "decode": 0}
+    for name in calls:
+        method = getattr(translator, name)
+        monkeypatch.setattr(translator, name, lambda *a, _m=method, _n=name: calls.__setitem__(_n, calls[_n] + 1)
+                            or _m(*a))
+    memo = {}
+    shared = [translator.translate(stack, path, memo) for path in paths]
+    for a, b in zip(alone, shared):
+        assert torch.equal(a, b)
+    # encodings: the source, its T1Gd, its T2 (not 1 + 1 + 1 + 2 + 3); decodings: 3 + 1 + 1 (not 9)
+    assert calls == {"encode": 3, "decode": 5}

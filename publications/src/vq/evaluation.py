@@ -52,11 +52,23 @@ class Translator:
                 out.append(self.model.decode(chunk, code).float())
         return torch.cat(out)
 
-    def translate(self, stack: torch.Tensor, path: list[int]) -> torch.Tensor:
-        """Translate along a path of sequence indices: [s, t] single step, [s, m, ..., t] multi-step."""
+    def translate(self, stack: torch.Tensor, path: list[int], memo: dict | None = None) -> torch.Tensor:
+        """Translate along a path of sequence indices: [s, t] single step, [s, m, ..., t] multi-step.
+
+        `memo`: a dict shared by the translations of one subject, so that the latent of
+        each stack and the stacks along shared path prefixes are computed once (the
+        source is encoded once for all its targets; T1 -> T1Gd -> T2 reuses T1 -> T1Gd).
+        """
+        memo = {} if memo is None else memo
         current = stack
-        for target in path[1:]:
-            current = self.decode(self.encode(current), target)
+        for k in range(1, len(path)):
+            step = tuple(path[:k + 1])
+            if step not in memo:
+                source = ("latent", *path[:k])
+                if source not in memo:
+                    memo[source] = self.encode(current)
+                memo[step] = self.decode(memo[source], path[k])
+            current = memo[step]
         return current
 
 

@@ -69,8 +69,9 @@ def run(args) -> None:
     rows, baseline = [], []
     for name, code in tqdm(subjects, desc="subjects", dynamic_ncols=True):
         stacks = {s: load_eval_stack(cache, name, s) for s in range(N_SEQ)}  # (S,1,crop,crop) each
+        memo = {}  # latents and intermediate stacks shared by this subject's translations
         for tr in translations_for(code, cfg.test.multi_step):
-            pred = translator.translate(stacks[tr.src], tr.path)
+            pred = translator.translate(stacks[tr.src], tr.path, memo)
             target = stacks[tr.tgt].to(device)
             names = {"name": name, "src": SEQUENCES[tr.src], "tgt": SEQUENCES[tr.tgt], "steps": tr.steps}
             rows.append({**names, "method": "model", **score(pred, target, lpips)})
