@@ -163,27 +163,50 @@ def test_a_killed_run_resumes_to_the_same_end(trained_run, phantom_dir, tmp_path
     assert float(resumed[12]["loss"]) == pytest.approx(float(ref[12]["loss"]), rel=1e-4)
 
 
-def test_activation_checkpointing_changes_memory_not_the_result(phantom_dir, tmp_path):
-    """train.checkpointing recomputes encoder, decoder and VGG blocks in backward: same loss, same gradients."""
+def _one_step(phantom_dir, tmp_path, override: str, channels_last: bool = False):
+    """Loss and gradients of one full-recipe step of a tiny paper-config model (fixed seeds) under `override`;
+    also the model and the VGG19 the Recipe was given."""
     from vq.bench import full_recipe_epoch, synthetic_batch
     from vq.losses import PerceptualLoss
 
-    results = []
-    for recompute in (False, True):
-        cfg = load_config(CONFIGS / "vqseq2seq_brats_2d_missing_3_256.yaml", tiny_overrides(phantom_dir, tmp_path)
-                          + ["model.base_channels=8", f"train.checkpointing={recompute}"])
-        torch.manual_seed(0)
-        model = build_model(cfg.model)
-        perceptual = PerceptualLoss(pretrained=False, allow_random=True)
-        recipe = Recipe(model, cfg, perceptual)
-        assert model.decoder.recompute is recompute and perceptual.recompute is recompute
-        batch = synthetic_batch(cfg, 2, torch.device("cpu"))
-        torch.manual_seed(1)  # the same augmentation, sampling and domain-augmentation draws
-        loss, _ = recipe(batch["src"], batch["tgt"], batch["src_idx"], batch["tgt_idx"], epoch=full_recipe_epoch(cfg))
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    (loss_a, grads_a), (loss_b, grads_b) = results
+    cfg = load_config(CONFIGS / "vqseq2seq_brats_2d_missing_3_256.yaml", tiny_overrides(phantom_dir, tmp_path)
+                      + ["model.base_channels=8", override])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    perceptual = PerceptualLoss(pretrained=False, allow_random=True)
+    recipe = Recipe(model, cfg, perceptual)
+    batch = synthetic_batch(cfg, 2, torch.device("cpu"))
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    src, tgt = (batch[k].contiguous(memory_format=layout) for k in ("src", "tgt"))
+    torch.manual_seed(1)  # the same augmentation, sampling and domain-augmentation draws
+    loss, _ = recipe(src, tgt, batch["src_idx"], batch["tgt_idx"], epoch=full_recipe_epoch(cfg))
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    return loss.detach(), grads, model, perceptual
+
+
+def test_activation_checkpointing_changes_memory_not_the_result(phantom_dir, tmp_path):
+    """train.checkpointing recomputes encoder, decoder and VGG blocks in backward: same loss, same gradients."""
+    loss_a, grads_a, _, _ = _one_step(phantom_dir, tmp_path, "train.checkpointing=false")
+    loss_b, grads_b, model, perceptual = _one_step(phantom_dir, tmp_path, "train.checkpointing=true")
+    assert model.decoder.recompute and perceptual.recompute
     assert torch.allclose(loss_a, loss_b, rtol=1e-5)
     assert len(grads_a) == len(grads_b) > 20
     for a, b in zip(grads_a, grads_b):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_channels_last_keeps_the_result(phantom_dir, tmp_path):
+    """train.channels_last: the Recipe converts the model (5-D hyper-conv banks stay as they are) and VGG19;
+    the loss and gradients are those of the default layout."""
+    loss_a, grads_a, _, _ = _one_step(phantom_dir, tmp_path, "train.channels_last=false")
+    loss_b, grads_b, model, perceptual = _one_step(phantom_dir, tmp_path, "train.channels_last=true",
+                                                   channels_last=True)
+    convs = [p for p in [*model.parameters(), *perceptual.parameters()]
+             if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]  # (1x1 or 1-channel: both layouts agree)
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert torch.allclose(loss_a, loss_b, rtol=1e-4)
+    assert len(grads_a) == len(grads_b) > 20
+    # other conv algorithms sum in another order: compare the whole gradient, not each ~1e-6 noise entry
+    a, b = torch.cat([g.flatten() for g in grads_a]), torch.cat([g.flatten() for g in grads_b])
+    assert (a - b).norm() <= 1e-3 * a.norm()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import resource
 import time
 from collections.abc import Iterable
@@ -40,7 +41,7 @@ from vq.dataloader.preprocess import pad_or_crop
 from vq.evaluation import Translator
 from vq.losses import PerceptualLoss
 from vq.models import build_model
-from vq.runtime import cpu_name, seed_everything
+from vq.runtime import cpu_name, seed_everything, to_channels_last
 from vq.sequences import N_SEQ, TRAIN_PAIRS, available
 from vq.training import Phase, Recipe, make_optimizer, poly_lr, validate
 from vq.weights import MissingWeightsError
@@ -108,7 +109,7 @@ def _memory_format(cfg: Config) -> torch.memory_format:
 def make_trainer(cfg: Config, device: torch.device, perceptual: PerceptualLoss | None):
     """A fresh model (seeded), its recipe and optimizer, as the training script builds them."""
     seed_everything(cfg.seed)
-    model = build_model(cfg.model).to(device, memory_format=_memory_format(cfg)).train()
+    model = build_model(cfg.model).to(device).train()  # the Recipe puts it in channels_last if configured
     return model, Recipe(model, cfg, perceptual), make_optimizer(model, cfg)
 
 
@@ -175,13 +176,14 @@ def time_train(cfg: Config, device: torch.device, amp: torch.dtype | None, perce
     batch = synthetic_batch(cfg, cfg.train.batch_size, device)
     batch.update({k: batch[k].contiguous(memory_format=_memory_format(cfg)) for k in ("src", "tgt")})
     epoch = full_recipe_epoch(cfg)
+    step_fn = torch.compile(recipe) if cfg.train.compile else recipe  # as the training script does
     for _ in range(warmup):
-        train_step(recipe, optimizer, batch, epoch, amp)
+        train_step(step_fn, optimizer, batch, epoch, amp)
     with PeakMemory(device) as mem:
         sync(device)
         tic = time.perf_counter()
         for _ in range(steps):
-            train_step(recipe, optimizer, batch, epoch, amp)
+            train_step(step_fn, optimizer, batch, epoch, amp)
         sync(device)
         seconds = time.perf_counter() - tic
     return Speed(steps * cfg.train.batch_size / seconds, mem.mb)
@@ -190,7 +192,9 @@ def time_train(cfg: Config, device: torch.device, amp: torch.dtype | None, perce
 def time_infer(cfg: Config, device: torch.device, amp: torch.dtype | None, steps: int, warmup: int) -> Speed:
     """Encode + decode of one test.batch_size batch (one target for the batch, as in evaluation)."""
     seed_everything(cfg.seed)
-    model = build_model(cfg.model).to(device, memory_format=_memory_format(cfg))
+    model = build_model(cfg.model).to(device)
+    if cfg.train.channels_last:
+        to_channels_last(model)
     translator = Translator(model, device, amp, cfg.test.batch_size)
     stack = synthetic_batch(cfg, cfg.test.batch_size, device)["src"].contiguous(memory_format=_memory_format(cfg))
     for _ in range(warmup):
@@ -332,13 +336,19 @@ def data_wait_share(cfg: Config, device: torch.device, amp: torch.dtype | None,
 
     A few training subjects only (enough for the loop), so that the slice cache
     builds quickly; the loader itself is the training script's, with its workers.
+    Each epoch is made at least 8 batches long (more slice pairs per subject), as
+    a full training list's epochs are: a few subjects' one-batch epochs would time
+    the workers' restart at every epoch boundary instead of the steady state.
     None when the config has no data (warned).
     """
     rows = data_rows(cfg, "train")
     if rows is None:
         return None
+    rows = rows[:max(4, cfg.train.batch_size)]
+    per_subject = max(cfg.data.slices_per_subject, math.ceil(8 * cfg.train.batch_size / len(rows)))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, slices_per_subject=per_subject))
     cache = SliceCache(resolve_path(cfg.data.cache_dir), resolve_path(cfg.data.root), cfg.data)
-    loader = make_train_loader(cfg, cache, rows[:max(4, cfg.train.batch_size)], seed=cfg.seed)
+    loader = make_train_loader(cfg, cache, rows, seed=cfg.seed)
     _, recipe, optimizer = make_trainer(cfg, device, perceptual)
     epoch, batches = full_recipe_epoch(cfg), _batches(loader)
     waited = total = 0.0
@@ -346,6 +356,7 @@ def data_wait_share(cfg: Config, device: torch.device, amp: torch.dtype | None,
         tic = time.perf_counter()
         batch = next(batches)
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items() if key != "name"}
+        batch.update({k: batch[k].contiguous(memory_format=_memory_format(cfg)) for k in ("src", "tgt")})
         got = time.perf_counter()
         train_step(recipe, optimizer, batch, epoch, amp)
         sync(device)

@@ -29,6 +29,8 @@ def resolve_device(name: str) -> torch.device:
         index = int(text.split(":")[1]) if ":" in text else 0
         if index >= torch.cuda.device_count():
             raise DeviceError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        # Training and evaluation run fixed shapes (the crop), so cuDNN's per-shape autotuning pays off.
+        torch.backends.cudnn.benchmark = True
         return torch.device("cuda", index)
     if text == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise DeviceError("device 'mps' requested but MPS is not available on this machine; use -d cpu")
@@ -90,6 +92,19 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    """Put a module's 4-D parameters and buffers in channels_last, in place; returns it.
+
+    `module.to(memory_format=torch.channels_last)` fails on the hyper-convs'
+    5-D kernel banks (channels_last needs rank 4); their mixed kernels are 4-D
+    and `F.conv2d` takes the input's layout.
+    """
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.dim() == 4:
+            tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+    return module
 
 
 def seed_everything(seed: int) -> None:

@@ -16,7 +16,7 @@ from vq.config import Config
 from vq.dataloader.augment import IntensityAugment
 from vq.losses import PerceptualLoss, consistency_loss, ssim_loss
 from vq.metrics import psnr
-from vq.runtime import autocast
+from vq.runtime import autocast, to_channels_last
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,10 @@ class Recipe(nn.Module):
             model.set_checkpointing(True)
             if perceptual is not None:
                 perceptual.recompute = True
+        if cfg.train.channels_last:  # the scripts put the model in channels_last; VGG19 follows
+            to_channels_last(model)
+            if perceptual is not None:
+                to_channels_last(perceptual)
         self.augment = IntensityAugment() if cfg.data.augment else None
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_idx: torch.Tensor, tgt_idx: torch.Tensor,
