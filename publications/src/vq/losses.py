@@ -119,17 +119,29 @@ class PerceptualLoss(nn.Module):
         """Features of a clean target, to reuse across the predictions that share it."""
         return self.features(target)
 
-    def per_sample(self, preds: Tensor, target_feats: list[Tensor]) -> Tensor:
-        """(N, 1, H, W) predictions vs precomputed target features (N rows each) -> (N,) losses.
+    def per_sample(self, preds: Tensor, target_feats: list[Tensor], index: Tensor | None = None,
+                   chunk: int = 8) -> Tensor:
+        """(N, 1, H, W) predictions vs precomputed target features -> (N,) losses.
 
-        Runs VGG block by block (a block ends at a pooling layer), each block
-        returning its output and its layers' losses, so that with `recompute`
-        only the block inputs are kept for backward.
+        `index`: (N,) the target row of each prediction (None: row n for prediction n).
+        The rows are gathered layer by layer inside the blocks, so the N-row copies of
+        the target features never all exist at once. Runs VGG block by block (a block
+        ends at a pooling layer), each block returning its output and its layers'
+        losses, so that with `recompute` only the block inputs are kept for backward;
+        then predictions also go through in groups of `chunk` rows, which bounds the
+        activations recomputed at any one time.
         """
+        if index is None:
+            index = torch.arange(len(preds), device=preds.device)
+        step = chunk if self.recompute else len(preds)
+        return torch.cat([self._per_sample(preds[i:i + step], target_feats, index[i:i + step])
+                          for i in range(0, len(preds), step)])
+
+    def _per_sample(self, preds: Tensor, target_feats: list[Tensor], index: Tensor) -> Tensor:
         x, loss, feats = self._input(preds), 0.0, iter(target_feats)
         for block in self._blocks():
             targets = [next(feats) for layer in block if isinstance(layer, nn.ReLU)]
-            x, part = run_block(_block_loss, block, x, *targets, recompute=self.recompute)
+            x, part = run_block(_block_loss, block, x, index, *targets, recompute=self.recompute)
             loss = loss + part
         return loss
 
@@ -155,13 +167,14 @@ class PerceptualLoss(nn.Module):
         return loss
 
 
-def _block_loss(layers: list[nn.Module], x: Tensor, *targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Run VGG layers; the per-sample feature MSE at each ReLU against the next target: -> (x, (N,) loss)."""
+def _block_loss(layers: list[nn.Module], x: Tensor, index: Tensor, *targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Run VGG layers; at each ReLU the per-sample feature MSE against the next target's rows `index`:
+    -> (x, (N,) loss)."""
     loss, targets = 0.0, iter(targets)
     for layer in layers:
         x = layer(x)
         if isinstance(layer, nn.ReLU):
-            loss = loss + (x.float() - next(targets).float()).pow(2).flatten(1).mean(1)
+            loss = loss + (x.float() - next(targets)[index].float()).pow(2).flatten(1).mean(1)
     return x, loss
 
 

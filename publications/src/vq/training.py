@@ -110,7 +110,7 @@ class Recipe(nn.Module):
             index = _target_index(n_out, batch, device)
             with autocast(device, amp):
                 feats = self.perceptual.target_features(torch.cat([src, tgt]))  # clean targets, once
-                per = (w * self.perceptual.per_sample(out, [f[index] for f in feats])).sum() / batch
+                per = (w * self.perceptual.per_sample(out, feats, index)).sum() / batch
             parts["per"] = per
             loss = loss + cfg.lambda_per * per
         if enc.loss_vq is not None and enc.indices is not None:
