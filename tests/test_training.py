@@ -186,14 +186,13 @@ def _one_step(phantom_dir, tmp_path, override: str, channels_last: bool = False)
 
 
 def test_activation_checkpointing_changes_memory_not_the_result(phantom_dir, tmp_path):
-    """train.checkpointing recomputes encoder, decoder and VGG blocks in backward: same loss, same gradients."""
+    """train.checkpointing recomputes encoder, decoder and VGG blocks in backward (VGG rows in groups of 8:
+    the step compares 12 rows): same loss, same gradients."""
     loss_a, grads_a, _, _ = _one_step(phantom_dir, tmp_path, "train.checkpointing=false")
     loss_b, grads_b, model, perceptual = _one_step(phantom_dir, tmp_path, "train.checkpointing=true")
     assert model.decoder.recompute and perceptual.recompute
     assert torch.allclose(loss_a, loss_b, rtol=1e-5)
-    assert len(grads_a) == len(grads_b) > 20
-    for a, b in zip(grads_a, grads_b):
-        assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+    _assert_same_gradients(grads_a, grads_b)
 
 
 def test_channels_last_keeps_the_result(phantom_dir, tmp_path):
@@ -206,7 +205,12 @@ def test_channels_last_keeps_the_result(phantom_dir, tmp_path):
              if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]  # (1x1 or 1-channel: both layouts agree)
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     assert torch.allclose(loss_a, loss_b, rtol=1e-4)
+    _assert_same_gradients(grads_a, grads_b)
+
+
+def _assert_same_gradients(grads_a, grads_b, rel: float = 1e-3):
+    """Whole-gradient agreement: other conv algorithms and row groupings sum in another order, so entries
+    that are ~1e-6 noise (biases before a norm) differ in relative terms while the gradient does not."""
     assert len(grads_a) == len(grads_b) > 20
-    # other conv algorithms sum in another order: compare the whole gradient, not each ~1e-6 noise entry
     a, b = torch.cat([g.flatten() for g in grads_a]), torch.cat([g.flatten() for g in grads_b])
-    assert (a - b).norm() <= 1e-3 * a.norm()
+    assert (a - b).norm() <= rel * a.norm()
