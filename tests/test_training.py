@@ -163,7 +163,7 @@ def test_a_killed_run_resumes_to_the_same_end(trained_run, phantom_dir, tmp_path
     assert float(resumed[12]["loss"]) == pytest.approx(float(ref[12]["loss"]), rel=1e-4)
 
 
-def _one_step(phantom_dir, tmp_path, override: str, channels_last: bool = False):
+def _one_step(phantom_dir, tmp_path, override: str):
     """Loss and gradients of one full-recipe step of a tiny paper-config model (fixed seeds) under `override`;
     also the model and the VGG19 the Recipe was given."""
     from vq.bench import full_recipe_epoch, synthetic_batch
@@ -176,7 +176,7 @@ def _one_step(phantom_dir, tmp_path, override: str, channels_last: bool = False)
     perceptual = PerceptualLoss(pretrained=False, allow_random=True)
     recipe = Recipe(model, cfg, perceptual)
     batch = synthetic_batch(cfg, 2, torch.device("cpu"))
-    layout = torch.channels_last if channels_last else torch.contiguous_format
+    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format  # as the script feeds it
     src, tgt = (batch[k].contiguous(memory_format=layout) for k in ("src", "tgt"))
     torch.manual_seed(1)  # the same augmentation, sampling and domain-augmentation draws
     loss, _ = recipe(src, tgt, batch["src_idx"], batch["tgt_idx"], epoch=full_recipe_epoch(cfg))
@@ -199,8 +199,7 @@ def test_channels_last_keeps_the_result(phantom_dir, tmp_path):
     """train.channels_last: the Recipe converts the model (5-D hyper-conv banks stay as they are) and VGG19;
     the loss and gradients are those of the default layout."""
     loss_a, grads_a, _, _ = _one_step(phantom_dir, tmp_path, "train.channels_last=false")
-    loss_b, grads_b, model, perceptual = _one_step(phantom_dir, tmp_path, "train.channels_last=true",
-                                                   channels_last=True)
+    loss_b, grads_b, model, perceptual = _one_step(phantom_dir, tmp_path, "train.channels_last=true")
     convs = [p for p in [*model.parameters(), *perceptual.parameters()]
              if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]  # (1x1 or 1-channel: both layouts agree)
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)

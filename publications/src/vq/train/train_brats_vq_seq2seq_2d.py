@@ -31,8 +31,7 @@ from vq.dataloader.lists import read_list
 from vq.distributed import Dist, barrier, cleanup, init_distributed, replicas_in_sync, sum_across
 from vq.losses import PerceptualLoss
 from vq.models import build_model
-from vq.runtime import (amp_dtype, cpu_name, resolve_device, rng_state, seed_everything, set_rng_state,
-                        to_channels_last)
+from vq.runtime import amp_dtype, cpu_name, resolve_device, rng_state, seed_everything, set_rng_state
 from vq.sequences import N_SEQ, available
 from vq.training import Recipe, make_optimizer, poly_lr, translate, validate
 from vq.viz import plot_progress, sample_grid, save_png
@@ -114,9 +113,7 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device) -> int
     my_valid = dict(list(valid.items())[ddp.rank::ddp.world_size])  # each rank validates its share
 
     # --- model, loss, optimizer ---
-    model = build_model(cfg.model).to(device)
-    if cfg.train.channels_last:
-        to_channels_last(model)
+    model = build_model(cfg.model).to(device)  # the Recipe puts it in channels_last if configured
     if args.load:
         load_model_weights(model, read_checkpoint(args.load), args.load)
         log.info("initial weights from %s", args.load)
