@@ -163,7 +163,7 @@ def test_a_killed_run_resumes_to_the_same_end(trained_run, phantom_dir, tmp_path
     assert float(resumed[12]["loss"]) == pytest.approx(float(ref[12]["loss"]), rel=1e-4)
 
 
-def _one_step(phantom_dir, tmp_path, override: str):
+def _one_step(phantom_dir, tmp_path, override: str, batch_size: int = 2):
     """Loss and gradients of one full-recipe step of a tiny paper-config model (fixed seeds) under `override`;
     also the model and the VGG19 the Recipe was given."""
     from vq.bench import full_recipe_epoch, synthetic_batch
@@ -175,7 +175,7 @@ def _one_step(phantom_dir, tmp_path, override: str):
     model = build_model(cfg.model)
     perceptual = PerceptualLoss(pretrained=False, allow_random=True)
     recipe = Recipe(model, cfg, perceptual)
-    batch = synthetic_batch(cfg, 2, torch.device("cpu"))
+    batch = synthetic_batch(cfg, batch_size, torch.device("cpu"))
     layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format  # as the script feeds it
     src, tgt = (batch[k].contiguous(memory_format=layout) for k in ("src", "tgt"))
     torch.manual_seed(1)  # the same augmentation, sampling and domain-augmentation draws
@@ -186,10 +186,10 @@ def _one_step(phantom_dir, tmp_path, override: str):
 
 
 def test_activation_checkpointing_changes_memory_not_the_result(phantom_dir, tmp_path):
-    """train.checkpointing recomputes encoder, decoder and VGG blocks in backward (VGG rows in groups of 8:
-    the step compares 12 rows): same loss, same gradients."""
-    loss_a, grads_a, _, _ = _one_step(phantom_dir, tmp_path, "train.checkpointing=false")
-    loss_b, grads_b, model, perceptual = _one_step(phantom_dir, tmp_path, "train.checkpointing=true")
+    """train.checkpointing recomputes encoder, decoder and VGG blocks in backward, each in chunks of 8 rows
+    (batch 5: the encoder sees 10 rows, the decoder and VGG 30): same loss, same gradients."""
+    loss_a, grads_a, _, _ = _one_step(phantom_dir, tmp_path, "train.checkpointing=false", batch_size=5)
+    loss_b, grads_b, model, perceptual = _one_step(phantom_dir, tmp_path, "train.checkpointing=true", batch_size=5)
     assert model.decoder.recompute and perceptual.recompute
     assert torch.allclose(loss_a, loss_b, rtol=1e-5)
     _assert_same_gradients(grads_a, grads_b)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import platform
@@ -35,6 +36,26 @@ def resolve_device(name: str) -> torch.device:
     if text == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise DeviceError("device 'mps' requested but MPS is not available on this machine; use -d cpu")
     return torch.device(text)
+
+
+def return_freed_memory() -> bool:
+    """Make glibc's malloc hand every freed block of 1 MiB or more back to the OS at once.
+
+    By default glibc raises its mmap threshold up to 32 MiB as large blocks are freed, so
+    tensors below that size later come from the heap, whose free space the process keeps:
+    the resident set then grows well past what the tensors need (measured at batch 8 with
+    activation checkpointing: the decoder's chunks of 8 rows are 19-75 MB). A fixed
+    threshold costs some speed in page faults, so only the memory-saving mode asks for it.
+    Returns False where malloc is not glibc's (nothing changes there).
+    """
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3  # <malloc.h>; setting it also stops glibc's dynamic adjustment
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 20))
+    except (OSError, AttributeError):
+        return False
 
 
 def cpu_bf16_units() -> str | None:

@@ -16,7 +16,7 @@ from vq.config import Config
 from vq.dataloader.augment import IntensityAugment
 from vq.losses import PerceptualLoss, consistency_loss, ssim_loss
 from vq.metrics import psnr
-from vq.runtime import autocast, to_channels_last
+from vq.runtime import autocast, return_freed_memory, to_channels_last
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,8 @@ class Recipe(nn.Module):
         self.perceptual = perceptual
         if cfg.train.checkpointing:  # trade compute for memory (large batches, big crops)
             model.set_checkpointing(True)
+            if next(model.parameters()).device.type == "cpu":
+                return_freed_memory()
             if perceptual is not None:
                 perceptual.recompute = True
         if cfg.train.channels_last:  # the scripts put the model in channels_last; VGG19 follows

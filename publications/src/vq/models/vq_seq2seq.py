@@ -33,12 +33,27 @@ def conv_norm_act(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1) ->
     )
 
 
+RECOMPUTE_CHUNK = 8
+"""Rows per chunk under activation checkpointing (see `in_chunks`)."""
+
+
 def run_block(block, *args, recompute: bool = False):
     """block(*args); with `recompute`, under autograd, through activation checkpointing:
     only the block's inputs are kept and its forward runs again in backward."""
     if recompute and torch.is_grad_enabled():
         return checkpoint(block, *args, use_reentrant=False)
     return block(*args)
+
+
+def in_chunks(fn, *tensors: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+    """fn(*tensors), batch row by row independent; with `recompute`, under autograd, run in
+    chunks of RECOMPUTE_CHUNK rows. Every layer here is per sample (convs, InstanceNorm,
+    upsampling), so the result is the same; but backward then finishes one chunk before it
+    recomputes the next, and the activations recomputed at any one time are a chunk's, not
+    the whole batch's (a step decodes 6x its batch)."""
+    if not (recompute and torch.is_grad_enabled()) or len(tensors[0]) <= RECOMPUTE_CHUNK:
+        return fn(*tensors)
+    return torch.cat([fn(*parts) for parts in zip(*(t.split(RECOMPUTE_CHUNK) for t in tensors))])
 
 
 class ResBlock(nn.Module):
@@ -73,6 +88,9 @@ class Encoder(nn.Module):
         """Activation checkpointing per layer (train.checkpointing)."""
 
     def forward(self, x):
+        return in_chunks(self._forward, x, recompute=self.recompute)
+
+    def _forward(self, x):
         for layer in self.net:
             x = run_block(layer, x, recompute=self.recompute)
         return x
@@ -120,6 +138,9 @@ class Decoder(nn.Module):
         """Activation checkpointing per block (train.checkpointing)."""
 
     def forward(self, x, code):
+        return in_chunks(self._forward, x, code, recompute=self.recompute)
+
+    def _forward(self, x, code):
         code = self.embed(code)  # (B, code_dim)
         # Group the batch by code once for all hyper-convs and sort it into group order once:
         # everything between them (norm, activation, upsampling) is per sample.
