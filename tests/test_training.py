@@ -126,8 +126,9 @@ def test_missing_vgg_weights_stop_at_start_up(phantom_dir, tmp_path, monkeypatch
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_unavailable_device_is_a_clear_error(caplog):
-    code = train_main(["-d", "cuda:0", "-c", str(CONFIGS / "demo_phantom_cpu.yaml")])
+def test_unavailable_device_is_a_clear_error(caplog, tmp_path):
+    # (out_dir in tmp_path: after `make demo` the demo config's own run folder holds a run)
+    code = train_main(["-d", "cuda:0", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set", f"out_dir={tmp_path}"])
     assert code == 2
     assert "CUDA is not available" in caplog.text
 

@@ -64,7 +64,8 @@ def main(argv=None) -> int:
 
 
 def train(args) -> int:
-    # --- config, device, process group ---
+    # --- device, config, process group ---
+    device = resolve_device(args.device)  # first: a missing GPU is the more basic problem
     if args.resume:
         run_dir = resolve_path(args.resume)
         config_path = args.config or run_dir / "config.yaml"
@@ -77,7 +78,7 @@ def train(args) -> int:
         if (run_dir / "ckpt_last.pth").exists() or (run_dir / "config.yaml").exists():
             raise FileExistsError(f"run folder {run_dir} already holds a run; continue it with --resume {run_dir} "
                                   "or choose another folder with --set out_dir=...")
-    ddp, device = init_distributed(resolve_device(args.device))
+    ddp, device = init_distributed(device)
     try:
         return train_loop(args, cfg, run_dir, ddp, device)
     finally:
