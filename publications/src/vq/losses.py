@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torchvision.models import VGG19_Weights
 from torchvision.models.vgg import cfgs, make_layers
 
-from .models.vq_seq2seq import run_block
+from .models.vq_seq2seq import in_chunks, run_block
 from .weights import load_pretrained_state
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,7 @@ class PerceptualLoss(nn.Module):
         """Features of a clean target, to reuse across the predictions that share it."""
         return self.features(target)
 
-    def per_sample(self, preds: Tensor, target_feats: list[Tensor], index: Tensor | None = None,
-                   chunk: int = 8) -> Tensor:
+    def per_sample(self, preds: Tensor, target_feats: list[Tensor], index: Tensor | None = None) -> Tensor:
         """(N, 1, H, W) predictions vs precomputed target features -> (N,) losses.
 
         `index`: (N,) the target row of each prediction (None: row n for prediction n).
@@ -128,14 +127,13 @@ class PerceptualLoss(nn.Module):
         the target features never all exist at once. Runs VGG block by block (a block
         ends at a pooling layer), each block returning its output and its layers'
         losses, so that with `recompute` only the block inputs are kept for backward;
-        then predictions also go through in groups of `chunk` rows, which bounds the
-        activations recomputed at any one time.
+        then predictions also go through in chunks of rows (`in_chunks`, as the encoder
+        and decoder do), which bounds the activations recomputed at any one time.
         """
         if index is None:
             index = torch.arange(len(preds), device=preds.device)
-        step = chunk if self.recompute else len(preds)
-        return torch.cat([self._per_sample(preds[i:i + step], target_feats, index[i:i + step])
-                          for i in range(0, len(preds), step)])
+        return in_chunks(lambda rows, rows_index: self._per_sample(rows, target_feats, rows_index),
+                         preds, index, recompute=self.recompute)
 
     def _per_sample(self, preds: Tensor, target_feats: list[Tensor], index: Tensor) -> Tensor:
         x, loss, feats = self._input(preds), 0.0, iter(target_feats)
