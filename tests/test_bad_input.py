@@ -1,16 +1,21 @@
 """Bad input ends in a one-line error naming the file, subject or key, and a non-zero exit; never silent."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from conftest import CONFIGS
+from vq.cli import load_trained_model
+from vq.config import ConfigError, load_config
 from vq.dataloader.lists import read_list
 from vq.sequences import SEQUENCES, train_pair
 from vq.test.test_brats_vq_2d_metrics import main as evaluate_main
+from vq.tools.synthesize import parse_args as synthesize_args
 from vq.train.train_brats_vq_seq2seq_2d import main as train_main
 
 
@@ -76,6 +81,34 @@ def test_a_broken_test_subject_is_an_error_naming_it(how, broken, trained_run, t
         assert path.name in errors[-1]
 
 
+def test_test_subjects_need_no_segmentation(broken, trained_run, tmp_path):
+    # users' own test sets often have no seg file; the script reads only the sequences
+    names = [name for name, _ in read_list(broken / "test.csv")]
+    for name in names:
+        (broken / name / f"{name}_seg.nii.gz").unlink()
+    out = tmp_path / "out"
+    assert evaluate_main(eval_args(trained_run, broken, out)) == 0
+    assert sorted(p.name for p in (out / "nifti").iterdir()) == sorted(names)
+
+
+@pytest.mark.parametrize("paths, message", [
+    ([["t1", "t1ce", "t2"], ["t1", "flair", "t2"]], "both go from t1 to t2"),
+    ([["t1", "t1gd", "t2"]], "unknown sequence 't1gd'"),
+    ([["t1", "t2"]], "is not a multi-step path"),
+])
+def test_ambiguous_or_unknown_multi_step_paths_are_config_errors(paths, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "demo_phantom_cpu.yaml", [f"test.multi_step={json.dumps(paths)}"])
+
+
+@pytest.mark.parametrize("n", ["1", "-3"])
+def test_synthesis_needs_two_samples_for_a_std(n, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        synthesize_args(["-c", "c.yaml", "-l", "ckpt.pth", "-o", "out", "--src", "t1", "t1.nii.gz",
+                         "--tgt", "t2", "--samples", n])
+    assert exit_.value.code == 2 and "--samples must be 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("how", ["zeros", "nan", "missing"])
 def test_a_broken_training_subject_is_skipped_with_a_warning(how, broken, trained_run, tmp_path, caplog):
     overrides, _ = trained_run
@@ -114,6 +147,18 @@ def test_a_checkpoint_of_another_architecture_is_refused_naming_keys(trained_run
     assert evaluate_main(args) == 2
     error = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"][-1]
     assert "does not match the model" in error and "encoder." in error
+
+
+def test_a_config_that_normalises_differently_from_training_warns(trained_run, tmp_path, caplog):
+    overrides, run_dir = trained_run
+    state = torch.load(run_dir / "ckpt_best.pth", weights_only=True)
+    cfg = load_config(CONFIGS / "demo_phantom_cpu.yaml", overrides)
+    load_trained_model(cfg, str(run_dir / "ckpt_best.pth"), torch.device("cpu"))
+    assert "data.percentile" not in caplog.text  # the training config: no warning
+    state["config"]["data"]["percentile"] = 98.0
+    torch.save(state, tmp_path / "ckpt.pth")
+    load_trained_model(cfg, str(tmp_path / "ckpt.pth"), torch.device("cpu"))
+    assert "trained with data.percentile=98.0 but this config normalises with 99.0" in caplog.text
 
 
 def test_a_mistyped_config_value_names_the_key(caplog):

@@ -46,7 +46,17 @@ def run_main(body: Callable[[argparse.Namespace], int | None], args: argparse.Na
 
 
 def load_trained_model(cfg: Config, checkpoint: str, device: torch.device) -> torch.nn.Module:
-    """The config's model with the checkpoint's weights, in eval mode on `device`."""
+    """The config's model with the checkpoint's weights, in eval mode on `device`.
+
+    Warns when the config normalises intensities differently from the run that wrote the
+    checkpoint (its config is saved in it): the model would then see inputs it was not trained on.
+    """
+    state = read_checkpoint(checkpoint)
     model = build_model(cfg.model).to(device)
-    load_model_weights(model, read_checkpoint(checkpoint), checkpoint)
+    load_model_weights(model, state, checkpoint)
+    trained = (state.get("config") or {}).get("data", {}).get("percentile")
+    if trained is not None and trained != cfg.data.percentile:
+        logging.getLogger(__name__).warning(
+            "checkpoint %s was trained with data.percentile=%s but this config normalises with %s; "
+            "pass the training config or --set data.percentile=%s", checkpoint, trained, cfg.data.percentile, trained)
     return model.eval()

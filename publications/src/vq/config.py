@@ -244,6 +244,27 @@ def _validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _validate_paths(cfg.test.multi_step)
+
+
+def _validate_paths(paths: list[list[str]]) -> None:
+    """test.multi_step: known sequences, 3 or more per path, and one path per (first, last) pair,
+    since the summary keys its rows by source and target."""
+    from vq.sequences import SEQUENCES
+
+    ends = {}
+    for path in paths:
+        unknown = [name for name in path if name not in SEQUENCES]
+        if unknown:
+            raise ConfigError(f"test.multi_step: unknown sequence {unknown[0]!r} in {path}; "
+                              f"valid: {', '.join(SEQUENCES)}")
+        if len(path) < 3 or any(a == b for a, b in zip(path, path[1:])):
+            raise ConfigError(f"test.multi_step: {path} is not a multi-step path "
+                              "(3 or more sequences, no sequence twice in a row)")
+        if (path[0], path[-1]) in ends:
+            raise ConfigError(f"test.multi_step: {ends[path[0], path[-1]]} and {path} both go from "
+                              f"{path[0]} to {path[-1]}; the summary has one row per source and target")
+        ends[path[0], path[-1]] = path
 
 
 def parse_overrides(items: list[str] | None) -> dict:

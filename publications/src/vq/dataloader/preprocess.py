@@ -23,7 +23,8 @@ VERSION = 1
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """The preprocessing settings of a run, saved with it so inference reproduces training exactly."""
+    """The preprocessing settings of a run. They are part of the config each checkpoint stores;
+    `vq.cli.load_trained_model` warns when a config normalises differently from that run."""
 
     percentile: float = 99.0
     n_slices: int = 128

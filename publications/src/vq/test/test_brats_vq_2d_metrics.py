@@ -90,7 +90,7 @@ def run(args) -> None:
 
 def save_prediction(pred: torch.Tensor, root: Path, name: str, tr, cfg, out: Path) -> Path:
     """Paste the (S,1,crop,crop) prediction into the source file's full grid and geometry."""
-    source = nib.load(str(subject_files(root, name)[SEQUENCES[tr.src]]))
+    source = nib.load(str(subject_files(root, name, [tr.src])[SEQUENCES[tr.src]]))  # the seg file is optional here
     full = np.zeros(ras_shape(source), dtype=np.float32)  # (X, Y, Z) in RAS, background 0
     x, y, z = full.shape
     # centred fitting undoes the centre crop (or pad), background -1 -> 0: (S,1,crop,crop) -> (S,X,Y)

@@ -9,7 +9,8 @@ size, padded to a multiple of 4) and written in the first source's geometry.
 Outputs are in [0, 1] (1 = the source's normalisation clip point).
 With several sources, `<tgt>_fused` decodes the mean of their latent codes.
 With --samples N, N latents drawn around that mean (VQC sampling, METHOD.md
-step 3) give `<tgt>_mean` and `<tgt>_std`, a per-voxel uncertainty map.
+step 3) give `<tgt>_mean` and `<tgt>_std` (sample std over the draws, N >= 2), a per-voxel
+uncertainty map.
 """
 from __future__ import annotations
 
@@ -39,9 +40,12 @@ def parse_args(argv=None):
     p.add_argument("--src", nargs=2, action="append", required=True, metavar=("SEQ", "NIFTI"),
                    help=f"an available sequence ({', '.join(SEQUENCES)}) and its file; repeatable")
     p.add_argument("--tgt", nargs="+", required=True, type=seq_index, help="sequences to synthesise")
-    p.add_argument("--samples", type=int, default=0, help="latent samples for a mean/std uncertainty map")
+    p.add_argument("--samples", type=int, default=0,
+                   help="latent samples (2 or more) for a mean/std uncertainty map; std over the N draws, ddof 1")
     p.add_argument("--seed", type=int, default=0, help="seed of the latent samples")
     args = p.parse_args(argv)
+    if args.samples == 1 or args.samples < 0:
+        p.error(f"--samples must be 0 (no sampling) or at least 2 (a std needs two draws), got {args.samples}")
     try:
         args.src = [(seq_index(name), path) for name, path in args.src]
     except ValueError as err:
