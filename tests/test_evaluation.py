@@ -107,7 +107,10 @@ def test_script_writes_a_row_per_translation_and_the_summary(evaluated):
     assert header == METRIC_COLUMNS == ["name", "src", "tgt", "psnr", "ssim", "lpips", "steps", "lpips_mean"]
     assert keys(rows) == sorted(single + multi)
     header, baseline = read_csv(out / "baseline_metrics.csv")
-    assert header == METRIC_COLUMNS and keys(baseline) == sorted(single)
+    assert header == METRIC_COLUMNS and keys(baseline) == sorted(single + multi)  # a baseline for every row
+    copies = {(r["name"], r["src"], r["tgt"], r["steps"]): r["psnr"] for r in baseline}
+    for name, src, tgt, steps in multi:  # copying ignores the path: the single-step copy's scores
+        assert copies[name, src, tgt, steps] == copies[name, src, tgt, f"{SEQUENCES.index(src)}>{SEQUENCES.index(tgt)}"]
     for row in rows + baseline:
         assert math.isfinite(float(row["psnr"])) and -1 < float(row["ssim"]) <= 1
         # lpips is the per-volume sum over the n_slices slices, lpips_mean the per-slice mean
@@ -122,7 +125,7 @@ def test_script_writes_a_row_per_translation_and_the_summary(evaluated):
     assert {steps for (method, steps, *_) in groups if method == "model"} == {"single", "multiple"}
     table = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("|")]
     assert table[0].startswith("| step | method |") and set(table[1]) == set("|-")
-    assert len(table) == 2 + 3  # single model, single copy_source, multiple model
+    assert len(table) == 2 + 4  # single and multiple, each model and copy_source
 
 
 def test_predictions_are_written_in_the_source_geometry(evaluated, phantom_dir):

@@ -70,14 +70,15 @@ def run(args) -> None:
     for name, code in tqdm(subjects, desc="subjects", dynamic_ncols=True):
         stacks = {s: load_eval_stack(cache, name, s) for s in range(N_SEQ)}  # (S,1,crop,crop) each
         memo = {}  # latents and intermediate stacks shared by this subject's translations
+        copy_scores = {}  # (src, tgt) -> the copy baseline's scores, shared by single and multi-step rows
         for tr in translations_for(code, cfg.test.multi_step):
             pred = translator.translate(stacks[tr.src], tr.path, memo)
             target = stacks[tr.tgt].to(device)
             names = {"name": name, "src": SEQUENCES[tr.src], "tgt": SEQUENCES[tr.tgt], "steps": tr.steps}
             rows.append({**names, "method": "model", **score(pred, target, lpips)})
-            if not tr.multi:
-                copy = stacks[tr.src].to(device)
-                baseline.append({**names, "method": "copy_source", **score(copy, target, lpips)})
+            if (tr.src, tr.tgt) not in copy_scores:
+                copy_scores[tr.src, tr.tgt] = score(stacks[tr.src].to(device), target, lpips)
+            baseline.append({**names, "method": "copy_source", **copy_scores[tr.src, tr.tgt]})
             if cfg.test.save_nifti:
                 save_prediction(pred, root, name, tr, cfg, out)
     write_metrics(rows, out / "result_metrics.csv")
