@@ -123,8 +123,18 @@ def test_load_subject_checks_shapes(brats):
     np.testing.assert_allclose(stack[0], stack[1], atol=1e-5)  # t1ce = 3 x t1
     vol = nib.load(str(brats / "S0" / "S0_flair.nii.gz"))
     nib.save(nib.Nifti1Image(np.asarray(vol.dataobj)[:, :44], np.eye(4)), str(brats / "S0" / "S0_flair.nii.gz"))
-    with pytest.raises(BratsDataError, match=r"subject S0: volumes differ in shape: .*S0_flair\.nii\.gz \(40, 44, 8\)"):
+    with pytest.raises(BratsDataError, match=r"subject S0: volumes differ in shape: .*S0_flair\.nii\.gz \(40, 44, 20\)"):
         load_subject(brats, "S0", n_slices=8)
+
+
+def test_a_sequence_of_another_depth_is_refused(tmp_path, brats, cfg):
+    # 8 central slices of 20 and of 18 would be different anatomy, though their shapes agree
+    vol = nib.load(str(brats / "S0" / "S0_flair.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(vol.dataobj)[:, :, :18], np.eye(4)), str(brats / "S0" / "S0_flair.nii.gz"))
+    with pytest.raises(BratsDataError, match=r"volumes differ in shape: .*S0_flair\.nii\.gz \(40, 48, 18\)"):
+        load_subject(brats, "S0", n_slices=8)
+    with pytest.raises(BratsDataError, match=r"volumes differ in shape"):
+        make_cache(tmp_path, brats, cfg).ensure(["S0"])
 
 
 def test_cache_hit_does_not_reload(tmp_path, brats, cfg, load_counter):
@@ -178,6 +188,37 @@ def test_cache_rebuilds_on_changed_settings(tmp_path, brats, cfg, load_counter):
     cache = make_cache(tmp_path, brats, DataConfig(n_slices=8, percentile=95.0))
     cache.ensure(["S0"])
     assert len(load_counter) == 4
+    # other settings, other folder: a run with the first settings still finds its cache intact
+    assert cache.dir != make_cache(tmp_path, brats, cfg).dir
+    load_counter.clear()
+    make_cache(tmp_path, brats, cfg).ensure(["S0"])
+    assert load_counter == []
+
+
+def test_an_interrupted_rebuild_is_never_trusted(tmp_path, brats, cfg, load_counter, monkeypatch):
+    cache = make_cache(tmp_path, brats, cfg)
+    cache.ensure(["S2"])
+    write_subject(brats, "S2", seed=99)  # new content for all four sequences
+    for seq in SEQUENCES:
+        source = brats / "S2" / f"S2_{seq}.nii.gz"
+        os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
+    real, calls = vq.nifti.load_volume, []
+
+    def killed_after_one(path, **kw):
+        calls.append(path)
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # the process dies after rewriting one .npy
+        return real(path, **kw)
+
+    monkeypatch.setattr(vq.nifti, "load_volume", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        cache.ensure(["S2"])
+    assert not (cache.dir / "S2" / "manifest.json").exists()
+    monkeypatch.setattr(vq.nifti, "load_volume", real)
+    cache.ensure(["S2"])
+    expected = load_subject(brats, "S2", n_slices=8).transpose(0, 3, 1, 2)
+    for i, seq in enumerate(SEQUENCES):
+        np.testing.assert_allclose(cache.volume("S2", seq), expected[i], atol=1e-3)
 
 
 def test_cache_builds_in_worker_processes(tmp_path, brats, cfg):

@@ -10,10 +10,13 @@ contiguous read from a memory map. float16 keeps [-1, 1] images to ~5e-4, far
 below what PSNR can see (~70 dB).
 
 Each subject folder of the cache has a `manifest.json` recording the source
-files (path, size, mtime) and the preprocessing settings. An entry whose
-source or settings changed, whose `.npy` is missing or truncated, or whose
-subject has no manifest (interrupted build: the manifest is written last) is
-rebuilt, never used.
+files (path, size, mtime, volume shape) and the preprocessing settings. An
+entry whose source or settings changed, whose `.npy` is missing or truncated,
+or whose subject has no manifest is rebuilt, never used. A (re)build removes
+the subject's manifest before it writes any `.npy` and writes a new one last,
+so an interrupted build leaves no manifest. Each dataset root and set of
+preprocessing settings has a cache folder of its own: runs with different
+settings never rewrite each other's files.
 """
 from __future__ import annotations
 
@@ -38,8 +41,9 @@ from vq.sequences import SEG, SEQUENCES, seq_index
 log = logging.getLogger(__name__)
 
 FILE_KINDS: tuple[str, ...] = SEQUENCES + (SEG,)
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 """Version of the cache layout (file names, manifest fields)."""
+MANIFEST = "manifest.json"
 
 
 class BratsDataError(ValueError):
@@ -76,17 +80,21 @@ def subject_files(root: str | Path, name: str, kinds: Iterable[str | int] = FILE
     return files
 
 
-def _read(path: Path, name: str, percentile: float, n_slices: int) -> np.ndarray:
-    """One sequence: load, normalise the whole volume, keep the central slices. -> (X, Y, n_slices) float32."""
+def _read(path: Path, name: str, percentile: float, n_slices: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """One sequence: load, normalise the whole volume, keep the central slices.
+
+    -> ((X, Y, n_slices) float32, the whole volume's shape (X, Y, Z)).
+    """
     try:
         data = nifti.load_volume(path).data  # (X, Y, Z) RAS+, checked finite and non-zero
-        return normalize(data, percentile)[:, :, central_slices(data.shape[-1], n_slices)]
+        return normalize(data, percentile)[:, :, central_slices(data.shape[-1], n_slices)], data.shape
     except (nifti.NiftiError, ValueError) as err:
         raise BratsDataError(f"subject {name}: {err if str(path) in str(err) else f'{path}: {err}'}") from None
 
 
 def _check_shapes(name: str, shapes: Mapping[str, tuple]) -> None:
-    """shapes: file name -> array shape; all must agree."""
+    """shapes: file name -> whole-volume shape; all must agree (same depth too, or the
+    central slices of two sequences would be different anatomy)."""
     if len(set(map(tuple, shapes.values()))) > 1:
         listing = ", ".join(f"{file} {tuple(shape)}" for file, shape in shapes.items())
         raise BratsDataError(f"subject {name}: volumes differ in shape: {listing}")
@@ -97,8 +105,8 @@ def load_subject(root: str | Path, name: str, seqs: Iterable[str | int] = SEQUEN
     """Normalised central slices of a subject's sequences -> (n_seq, X, Y, n_slices) float32."""
     files = subject_files(root, name, seqs)
     volumes = {path.name: _read(path, name, percentile, n_slices) for path in files.values()}
-    _check_shapes(name, {file: v.shape for file, v in volumes.items()})
-    return np.stack(list(volumes.values()))
+    _check_shapes(name, {file: shape for file, (_, shape) in volumes.items()})
+    return np.stack([slices for slices, _ in volumes.values()])
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -117,16 +125,18 @@ def _build(job: tuple[str, dict[str, Path], Path, float, int]) -> tuple[str, dic
     """Build the cache files of one subject (runs in a worker process). -> (name, entries, error)."""
     name, todo, folder, percentile, n_slices = job
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / MANIFEST).unlink(missing_ok=True)  # before any .npy changes: an interrupted build is never trusted
     entries = {}
     try:
         for seq, src in todo.items():
             stat = src.stat()  # taken before reading: a change during the build shows as stale next time
-            slices = np.moveaxis(_read(src, name, percentile, n_slices), -1, 0)  # (X, Y, n) -> (n, X, Y)
-            slices = np.ascontiguousarray(slices, dtype=np.float16)
+            slices, volume_shape = _read(src, name, percentile, n_slices)
+            slices = np.ascontiguousarray(np.moveaxis(slices, -1, 0), dtype=np.float16)  # (X, Y, n) -> (n, X, Y)
             npy = folder / f"{seq}.npy"
             _write_atomic(npy, lambda f: np.save(f, slices))
             entries[seq] = {"source": str(src), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                            "shape": list(slices.shape), "npy_bytes": npy.stat().st_size}
+                            "volume_shape": list(volume_shape), "shape": list(slices.shape),
+                            "npy_bytes": npy.stat().st_size}
     except BratsDataError as err:
         return name, entries, str(err)
     return name, entries, None
@@ -137,14 +147,16 @@ class SliceCache:
 
     `ensure(subjects)` checks and (re)builds; `volume(name, seq)` then gives a
     read-only (n_slices, X, Y) float16 memory map. The cache of `root` lives in
-    `cache_dir/<root name>-<hash of root path>`, so two datasets never share entries.
+    `cache_dir/<root name>-<hash of root path and settings>`, so two datasets, or two
+    preprocessing settings of one dataset, never share entries.
     """
 
     def __init__(self, cache_dir: str | Path, root: str | Path, cfg: DataConfig | Preprocessing,
                  workers: int | None = None):
         self.root = Path(root).resolve()
         self.prep = cfg if isinstance(cfg, Preprocessing) else Preprocessing.from_config(cfg)
-        tag = hashlib.sha1(str(self.root).encode()).hexdigest()[:8]
+        key = json.dumps({"root": str(self.root), **self.prep.cache_key()}, sort_keys=True)
+        tag = hashlib.sha1(key.encode()).hexdigest()[:8]
         self.dir = Path(cache_dir) / f"{self.root.name}-{tag}"
         # building is gzip-decompression bound: one process per core, capped to bound memory (~0.2 GB each)
         self.workers = min(8, available_cpus()) if workers is None else workers
@@ -163,7 +175,7 @@ class SliceCache:
     def _manifest(self, name: str) -> dict | None:
         """The subject's manifest if it exists, parses and has this format and these settings."""
         try:
-            manifest = json.loads((self.dir / name / "manifest.json").read_text())
+            manifest = json.loads((self.dir / name / MANIFEST).read_text())
         except (OSError, ValueError):
             return None
         if manifest.get("format") != CACHE_FORMAT or manifest.get("settings") != self.prep.cache_key():
@@ -247,14 +259,14 @@ class SliceCache:
                     continue
                 entries = {**kept[name], **entries}
                 try:
-                    _check_shapes(name, {Path(e["source"]).name: e["shape"] for e in entries.values()})
+                    _check_shapes(name, {Path(e["source"]).name: e["volume_shape"] for e in entries.values()})
                 except BratsDataError as err:
                     bad[name] = str(err)
                     continue
                 manifest = {"format": CACHE_FORMAT, "subject": name, "settings": self.prep.cache_key(),
                             "sequences": entries}
                 text = json.dumps(manifest, indent=1).encode()
-                _write_atomic(self.dir / name / "manifest.json", lambda f: f.write(text))  # last: marks it complete
+                _write_atomic(self.dir / name / MANIFEST, lambda f: f.write(text))  # last: marks it complete
                 built.append(name)
         finally:
             if pool:
