@@ -15,8 +15,10 @@ from vq.config import ConfigError, load_config
 from vq.dataloader.lists import read_list
 from vq.sequences import SEQUENCES, train_pair
 from vq.test.test_brats_vq_2d_metrics import main as evaluate_main
+from vq.test.test_brats_vq_2d_metrics import parse_args as evaluate_args
 from vq.tools.synthesize import parse_args as synthesize_args
 from vq.train.train_brats_vq_seq2seq_2d import main as train_main
+from vq.train.train_brats_vq_seq2seq_2d import parse_args as train_args
 
 
 def copy_dataset(src, dst):
@@ -159,6 +161,18 @@ def test_a_config_that_normalises_differently_from_training_warns(trained_run, t
     torch.save(state, tmp_path / "ckpt.pth")
     load_trained_model(cfg, str(tmp_path / "ckpt.pth"), torch.device("cpu"))
     assert "trained with data.percentile=98.0 but this config normalises with 99.0" in caplog.text
+
+
+MODEL_ARGS = ["-c", "c.yaml", "-l", "ckpt.pth", "-o", "out"]
+
+
+@pytest.mark.parametrize("parse, required", [
+    (train_args, ["-c", "c.yaml"]), (evaluate_args, MODEL_ARGS),
+    (synthesize_args, MODEL_ARGS + ["--src", "t1", "t1.nii.gz", "--tgt", "t2"])])
+def test_repeated_set_flags_add_up(parse, required):
+    # argparse keeps only the last of repeated nargs="*" flags unless told to extend
+    args = parse(required + ["--set", "train.batch_size=3", "--set", "train.epochs=7", "seed=1"])
+    assert args.set == ["train.batch_size=3", "train.epochs=7", "seed=1"]
 
 
 def test_a_mistyped_config_value_names_the_key(caplog):

@@ -32,7 +32,13 @@ def add_model_args(parser: argparse.ArgumentParser, out: bool = True) -> None:
     parser.add_argument("-l", "--load", required=True, help="checkpoint, e.g. RUN_DIR/ckpt_best.pth")
     if out:
         parser.add_argument("-o", "--out", required=True, help="output folder")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    add_set_arg(parser)
+
+
+def add_set_arg(parser: argparse.ArgumentParser) -> None:
+    """--set KEY=VALUE ...: config overrides; repeated --set flags add up (argparse keeps only the last)."""
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config keys (repeatable)")
 
 
 def run_main(body: Callable[[argparse.Namespace], int | None], args: argparse.Namespace, log: logging.Logger) -> int:

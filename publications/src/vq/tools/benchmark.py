@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from vq.bench import Options, amp_check, format_table, run
+from vq.cli import add_set_arg
 from vq.config import ConfigError, load_config
 from vq.dataloader.brats import BratsDataError
 from vq.dataloader.lists import DataListError
@@ -44,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--peak-size", type=int, default=4096, help="n of the n x n x n peak matmuls")
     p.add_argument("--amp-check", type=int, metavar="STEPS",
                    help="only compare validation PSNR after STEPS training steps in fp32 and mixed precision")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    add_set_arg(p)
     args = p.parse_args(argv)
     for name in ("steps", "peak_size", "amp_check"):
         if getattr(args, name) is not None and getattr(args, name) < 1:

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vq.checkpoint import CheckpointError, load_model_weights, read_checkpoint, save_checkpoint
-from vq.cli import run_main
+from vq.cli import add_set_arg, run_main
 from vq.config import load_config, resolve_path, save_config
 from vq.dataloader.brats import SliceCache
 from vq.dataloader.datasets import load_eval_stack, make_train_loader
@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("-c", "--config", help="YAML config (with --resume, defaults to the run's config.yaml)")
     p.add_argument("-l", "--load", help="initial model weights (a checkpoint file)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    add_set_arg(p)
     args = p.parse_args(argv)
     if not args.config and not args.resume:
         p.error("give a config with -c (or --resume RUN_DIR)")
