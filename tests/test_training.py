@@ -87,6 +87,19 @@ def test_resume_gives_the_same_next_steps_as_not_stopping(trained_run, phantom_d
     assert list((part / "samples").glob("*.png")) and list((part / "tensorboard").iterdir())
 
 
+def test_resume_with_another_batch_size_restarts_the_epoch(phantom_dir, tmp_path, caplog):
+    run = tmp_path / "run"
+    assert train_main(["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set",
+                       *tiny_overrides(phantom_dir, tmp_path), "train.max_steps=4"]) == 0  # 3 steps/epoch: mid-epoch 1
+    assert torch.load(run / "ckpt_last.pth", weights_only=True)["in_epoch"] == 1
+    # batch 1: 6 steps per epoch; the position "step 4 = 1 step into epoch 1" no longer exists
+    assert train_main(["-d", "cpu", "--resume", str(run), "--set", "train.batch_size=1", "train.max_steps=10"]) == 0
+    assert "had 3 steps per epoch and now has 6" in caplog.text
+    state = torch.load(run / "ckpt_last.pth", weights_only=True)
+    assert (state["step"], state["epoch"], state["in_epoch"]) == (10, 1, 6)  # epoch 1 ran all 6 steps from step 5
+    assert sorted(read_log(run)) == list(range(1, 11))
+
+
 @pytest.mark.parametrize("name", ABLATIONS)
 def test_each_table1_config_runs_a_few_steps(name, phantom_dir, tmp_path, vgg_weights_file):
     code = train_main(["-d", "cpu", "-c", str(CONFIGS / f"{name}.yaml"), "--set",

@@ -130,12 +130,19 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device) -> int
              type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, len(train_rows),
              len(valid_rows))
 
-    epoch, step, best = 0, 0, float("-inf")
+    steps_per_epoch = loader.sampler.batches_per_epoch
+    epoch, step, in_epoch, best = 0, 0, 0, float("-inf")  # in_epoch: steps already taken in this epoch
     if args.resume:
         state = read_checkpoint(run_dir / "ckpt_last.pth")
         load_model_weights(model, state, run_dir / "ckpt_last.pth")
         optimizer.load_state_dict(state["optimizer"])
         epoch, step, best = state["epoch"], state["step"], state["best_psnr"]
+        in_epoch = state.get("in_epoch", step - epoch * steps_per_epoch)  # older checkpoints: constant epochs
+        before = state.get("steps_per_epoch", steps_per_epoch)
+        if before != steps_per_epoch and in_epoch:
+            log.warning("the run had %d steps per epoch and now has %d (batch size, processes or usable "
+                        "subjects changed): epoch %d restarts from its first batch", before, steps_per_epoch, epoch)
+            in_epoch = 0
         set_rng_state(state["rng"])
         log.info("resumed at epoch %d, step %d (best PSNR %.2f)", epoch, step, best)
     if ddp.enabled:  # the whole recipe is the DDP module: its forward is what backward averages
@@ -146,7 +153,8 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device) -> int
     def checkpoint(name: str, finished: bool = False) -> None:
         if main_rank:
             save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                             "step": step, "best_psnr": best, "rng": rng_state(), "finished": finished,
+                             "step": step, "in_epoch": in_epoch, "steps_per_epoch": steps_per_epoch,
+                             "best_psnr": best, "rng": rng_state(), "finished": finished,
                              "config": cfg.to_dict()}, run_dir / name)
 
     if step >= cfg.train.max_steps or epoch >= cfg.train.epochs:
@@ -180,13 +188,12 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device) -> int
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     model.train()
-    steps_per_epoch = loader.sampler.batches_per_epoch
     try:
         while epoch < cfg.train.epochs and step < cfg.train.max_steps:
             lr = poly_lr(cfg, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loader.sampler.set_epoch(epoch, start=step - epoch * steps_per_epoch)  # > 0 only when resumed mid-epoch
+            loader.sampler.set_epoch(epoch, start=in_epoch)  # > 0 only when resumed mid-epoch
             bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=not main_rank)
             tic = time.perf_counter()
             for batch in bar:
@@ -200,6 +207,7 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device) -> int
                 loss.backward()
                 optimizer.step()
                 step += 1
+                in_epoch += 1
                 toc = time.perf_counter()
                 stats["slices_per_s"] = src.shape[0] * ddp.world_size / max(toc - tic, 1e-9)
                 tic = toc
@@ -215,7 +223,7 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device) -> int
                 if step >= cfg.train.max_steps:
                     break
             else:
-                epoch += 1
+                epoch, in_epoch = epoch + 1, 0
             finished = epoch >= cfg.train.epochs or step >= cfg.train.max_steps
             if epoch % cfg.train.val_every == 0 or finished:
                 total, count = sum_across(ddp, *validate(model, my_valid, device, cfg.test.batch_size, amp))
