@@ -195,6 +195,21 @@ def test_cache_rebuilds_on_changed_settings(tmp_path, brats, cfg, load_counter):
     assert load_counter == []
 
 
+def test_cache_files_and_checkpoints_follow_the_umask(tmp_path, brats, cfg):
+    # mkstemp alone makes 0o600 files, which a group sharing a cache or run folder cannot read
+    from vq.checkpoint import save_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        cache = make_cache(tmp_path, brats, cfg)
+        cache.ensure(["S0"])
+        ckpt = save_checkpoint({"model": {}}, tmp_path / "run" / "ckpt.pth")
+    finally:
+        os.umask(old)
+    for path in (cache.path("S0", "t1"), cache.dir / "S0" / "manifest.json", ckpt):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
 def test_an_interrupted_rebuild_is_never_trusted(tmp_path, brats, cfg, load_counter, monkeypatch):
     cache = make_cache(tmp_path, brats, cfg)
     cache.ensure(["S2"])

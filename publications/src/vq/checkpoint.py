@@ -1,12 +1,12 @@
 """Checkpoints: written atomically, loaded without pickle code execution, checked against the config."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from vq.files import write_atomic
 
 
 class CheckpointError(ValueError):
@@ -14,20 +14,8 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(state: dict, path: str | Path) -> Path:
-    """Write to a temporary file in the same folder, then rename: a kill never leaves a truncated file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write to a temporary file in the same folder, fsync, then rename: a kill never leaves a truncated file."""
+    return write_atomic(path, lambda f: torch.save(state, f), durable=True)
 
 
 def read_checkpoint(path: str | Path) -> dict:

@@ -25,7 +25,6 @@ import json
 import logging
 import multiprocessing
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -36,6 +35,7 @@ from tqdm import tqdm
 from vq import nifti
 from vq.config import DataConfig
 from vq.dataloader.preprocess import Preprocessing, central_slices, normalize
+from vq.files import write_atomic
 from vq.sequences import SEG, SEQUENCES, seq_index
 
 log = logging.getLogger(__name__)
@@ -109,18 +109,6 @@ def load_subject(root: str | Path, name: str, seqs: Iterable[str | int] = SEQUEN
     return np.stack([slices for slices, _ in volumes.values()])
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder and rename: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _build(job: tuple[str, dict[str, Path], Path, float, int]) -> tuple[str, dict, str | None]:
     """Build the cache files of one subject (runs in a worker process). -> (name, entries, error)."""
     name, todo, folder, percentile, n_slices = job
@@ -133,7 +121,7 @@ def _build(job: tuple[str, dict[str, Path], Path, float, int]) -> tuple[str, dic
             slices, volume_shape = _read(src, name, percentile, n_slices)
             slices = np.ascontiguousarray(np.moveaxis(slices, -1, 0), dtype=np.float16)  # (X, Y, n) -> (n, X, Y)
             npy = folder / f"{seq}.npy"
-            _write_atomic(npy, lambda f: np.save(f, slices))
+            write_atomic(npy, lambda f: np.save(f, slices))
             entries[seq] = {"source": str(src), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
                             "volume_shape": list(volume_shape), "shape": list(slices.shape),
                             "npy_bytes": npy.stat().st_size}
@@ -266,7 +254,7 @@ class SliceCache:
                 manifest = {"format": CACHE_FORMAT, "subject": name, "settings": self.prep.cache_key(),
                             "sequences": entries}
                 text = json.dumps(manifest, indent=1).encode()
-                _write_atomic(self.dir / name / MANIFEST, lambda f: f.write(text))  # last: marks it complete
+                write_atomic(self.dir / name / MANIFEST, lambda f: f.write(text))  # last: marks it complete
                 built.append(name)
         finally:
             if pool:
