@@ -100,6 +100,22 @@ def test_resume_with_another_batch_size_restarts_the_epoch(phantom_dir, tmp_path
     assert sorted(read_log(run)) == list(range(1, 11))
 
 
+def test_resume_after_a_hard_kill_logs_each_step_once(phantom_dir, tmp_path):
+    run = tmp_path / "run"
+    base = ["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set", *tiny_overrides(phantom_dir, tmp_path)]
+    assert train_main(base + ["train.max_steps=4"]) == 0
+    with open(run / "log.csv", newline="") as f:  # a run killed with -9 after logging steps 5 and 6
+        last = [r for r in csv.DictReader(f) if r["loss"]][-1]
+    with open(run / "log.csv", "a", newline="") as f:
+        writer = csv.DictWriter(f, list(last))
+        for step in (5, 6):
+            writer.writerow({**last, "step": step})
+    assert train_main(["-d", "cpu", "--resume", str(run), "--set", "train.max_steps=7"]) == 0
+    with open(run / "log.csv", newline="") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r["loss"]]
+    assert steps == list(range(1, 8))
+
+
 @pytest.mark.parametrize("name", ABLATIONS)
 def test_each_table1_config_runs_a_few_steps(name, phantom_dir, tmp_path, vgg_weights_file):
     code = train_main(["-d", "cpu", "-c", str(CONFIGS / f"{name}.yaml"), "--set",

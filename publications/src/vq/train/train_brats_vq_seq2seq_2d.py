@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import logging
 import signal
 import sys
@@ -29,6 +30,7 @@ from vq.dataloader.brats import SliceCache
 from vq.dataloader.datasets import load_eval_stack, make_train_loader
 from vq.dataloader.lists import read_list
 from vq.distributed import Dist, barrier, cleanup, init_distributed, replicas_in_sync, sum_across
+from vq.files import write_atomic
 from vq.losses import PerceptualLoss
 from vq.models import build_model
 from vq.runtime import amp_dtype, cpu_name, resolve_device, rng_state, seed_everything, set_rng_state
@@ -168,7 +170,10 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device) -> int
         from torch.utils.tensorboard import SummaryWriter  # imported late: slow import
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        writer = SummaryWriter(run_dir / "tensorboard")
+        # resumed after a hard kill: drop what was logged past the checkpoint, it is logged again
+        writer = SummaryWriter(run_dir / "tensorboard", purge_step=step + 1 if args.resume else None)
+        if args.resume and log_path.exists():
+            drop_rows_after(log_path, step)
         new_log = not log_path.exists()
         log_file = log_path.open("a", newline="")
         log_csv = csv.DictWriter(log_file, LOG_COLUMNS, extrasaction="ignore")
@@ -259,6 +264,20 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device) -> int
         checkpoint("ckpt_best.pth")
     log.info("done: %d steps, best valid PSNR %.2f dB; checkpoints in %s", step, best, run_dir)
     return 0
+
+
+def drop_rows_after(log_path: Path, step: int) -> None:
+    """Keep the log.csv rows up to `step` (rewritten atomically)."""
+    with log_path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    kept = [row for row in rows if int(row["step"]) <= step]
+    if len(kept) < len(rows):
+        text = io.StringIO()
+        out = csv.DictWriter(text, LOG_COLUMNS, extrasaction="ignore")
+        out.writeheader()
+        out.writerows(kept)
+        write_atomic(log_path, lambda f: f.write(text.getvalue().encode()))
+        log.info("log.csv: dropped %d rows logged after step %d, the checkpoint's", len(rows) - len(kept), step)
 
 
 @torch.no_grad()
