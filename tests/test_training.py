@@ -87,14 +87,19 @@ def test_resume_gives_the_same_next_steps_as_not_stopping(trained_run, phantom_d
     assert list((part / "samples").glob("*.png")) and list((part / "tensorboard").iterdir())
 
 
-def test_resume_with_another_batch_size_restarts_the_epoch(phantom_dir, tmp_path, caplog):
+@pytest.mark.parametrize("older_checkpoint", [False, True])
+def test_resume_with_another_batch_size_restarts_the_epoch(older_checkpoint, phantom_dir, tmp_path, caplog):
     run = tmp_path / "run"
     assert train_main(["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set",
                        *tiny_overrides(phantom_dir, tmp_path), "train.max_steps=4"]) == 0  # 3 steps/epoch: mid-epoch 1
-    assert torch.load(run / "ckpt_last.pth", weights_only=True)["in_epoch"] == 1
+    state = torch.load(run / "ckpt_last.pth", weights_only=True)
+    assert state["in_epoch"] == 1
+    if older_checkpoint:  # written before the position in the epoch was saved
+        del state["in_epoch"], state["steps_per_epoch"]
+        torch.save(state, run / "ckpt_last.pth")
     # batch 1: 6 steps per epoch; the position "step 4 = 1 step into epoch 1" no longer exists
     assert train_main(["-d", "cpu", "--resume", str(run), "--set", "train.batch_size=1", "train.max_steps=10"]) == 0
-    assert "had 3 steps per epoch and now has 6" in caplog.text
+    assert f"had {'other' if older_checkpoint else 3} steps per epoch and now has 6" in caplog.text
     state = torch.load(run / "ckpt_last.pth", weights_only=True)
     assert (state["step"], state["epoch"], state["in_epoch"]) == (10, 1, 6)  # epoch 1 ran all 6 steps from step 5
     assert sorted(read_log(run)) == list(range(1, 11))

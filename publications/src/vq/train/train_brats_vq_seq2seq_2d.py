@@ -140,10 +140,11 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device) -> int
         optimizer.load_state_dict(state["optimizer"])
         epoch, step, best = state["epoch"], state["step"], state["best_psnr"]
         in_epoch = state.get("in_epoch", step - epoch * steps_per_epoch)  # older checkpoints: constant epochs
-        before = state.get("steps_per_epoch", steps_per_epoch)
-        if before != steps_per_epoch and in_epoch:
-            log.warning("the run had %d steps per epoch and now has %d (batch size, processes or usable "
-                        "subjects changed): epoch %d restarts from its first batch", before, steps_per_epoch, epoch)
+        before = state.get("steps_per_epoch")  # None in older checkpoints
+        if in_epoch and (before not in (None, steps_per_epoch) or not 0 < in_epoch <= steps_per_epoch):
+            log.warning("the run had %s steps per epoch and now has %d (batch size, processes or usable "
+                        "subjects changed): epoch %d restarts from its first batch", before or "other",
+                        steps_per_epoch, epoch)
             in_epoch = 0
         set_rng_state(state["rng"])
         log.info("resumed at epoch %d, step %d (best PSNR %.2f)", epoch, step, best)
