@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from vq.sequences import SEQUENCES
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
 """The repository root; relative paths in configs are resolved against it."""
 
@@ -250,8 +252,6 @@ def _validate(cfg: Config) -> None:
 def _validate_paths(paths: list[list[str]]) -> None:
     """test.multi_step: known sequences, 3 or more per path, and one path per (first, last) pair,
     since the summary keys its rows by source and target."""
-    from vq.sequences import SEQUENCES
-
     ends = {}
     for path in paths:
         unknown = [name for name in path if name not in SEQUENCES]
