@@ -32,8 +32,8 @@ def trained_run(phantom_dir, tmp_path_factory):
     from vq.train.train_brats_vq_seq2seq_2d import main
 
     work = tmp_path_factory.mktemp("trained")
-    overrides = tiny_overrides(phantom_dir, work) + ["train.pretrain_epochs_contrast=0",
-                                                     "train.pretrain_epochs_rand=1"]
+    overrides = tiny_overrides(phantom_dir, work) + ["train.pretrain_epochs_contrast=-1",
+                                                     "train.pretrain_epochs_rand=0"]
     code = main(["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set", *overrides,
                  "train.max_steps=6"])
     assert code == 0

@@ -287,7 +287,7 @@ def test_pair_crop_and_flip_are_shared(tmp_path, brats, cfg):
 
 
 def test_train_loader_batches(tmp_path, brats):
-    cfg = Config(data=DataConfig(root=str(brats), n_slices=8, crop=32, num_workers=0))
+    cfg = Config(data=DataConfig(root=str(brats), n_slices=8, crop=32, num_workers=0, slices_per_subject=1))
     cfg.train.batch_size = 2
     cache = make_cache(tmp_path, brats, cfg.data)
     loader = make_train_loader(cfg, cache, list(CODES.items()), seed=0)
@@ -295,6 +295,45 @@ def test_train_loader_batches(tmp_path, brats):
     batches = list(loader)
     assert len(batches) == 2 and batches[0]["src"].shape == (2, 1, 32, 32)
     assert batches[0]["src_idx"].dtype == torch.int64 and len(batches[0]["name"]) == 2
+
+
+def test_an_epoch_draws_four_pairs_per_subject_in_a_row(tmp_path, brats):
+    """The reference's epoch: each subject loaded once, 4 (slice, crop) draws from it in consecutive
+    steps with one flip: 4 x subjects steps at batch 1."""
+    cfg = Config(data=DataConfig(root=str(brats), n_slices=8, crop=32, num_workers=0))
+    assert cfg.data.slices_per_subject == 4 and cfg.data.group_by_subject and cfg.train.batch_size == 1
+    cache = make_cache(tmp_path, brats, cfg.data)
+    loader = make_train_loader(cfg, cache, list(CODES.items()), seed=0)
+    assert loader.sampler.batches_per_epoch == 4 * len(CODES)
+    for epoch in (0, 1):
+        loader.sampler.set_epoch(epoch)
+        items = [loader.dataset[k] for k in loader.sampler]
+        runs = [items[i:i + 4] for i in range(0, len(items), 4)]
+        assert sorted(run[0]["name"] for run in runs) == sorted(CODES)  # each subject once per epoch
+        for run in runs:
+            assert len({item["name"] for item in run}) == 1
+            flips = set()
+            for item in run:  # the same slice and crop read unflipped or mirrored
+                seq = item["src_idx"]
+                volume = np.asarray(cache.volume(item["name"], seq), np.float32)
+                image = item["src"][0].numpy()
+                flipped = any(np.array_equal(image[::-1], volume[z, x:x + 32, y:y + 32])
+                              for z in range(8) for x in range(9) for y in range(17))
+                flips.add(flipped)
+            assert len(flips) == 1  # one flip per loaded subject
+
+
+@pytest.mark.parametrize("offsets, last", [("reference", 47), ("full", 48)])
+def test_crop_and_slice_offsets(tmp_path, brats, offsets, last):
+    """The reference's randint(0, n - size - 1) never draws the last offset: on a 240-wide image a
+    192 crop starts at 0..47, and of 128 slices 0..126 are drawn."""
+    dataset = PairDataset(None, [("S0", 3)], DataConfig(offsets=offsets, crop=192), seed=0)
+    rng = np.random.default_rng(0)
+    starts = {dataset.offset(rng, 240, 192) for _ in range(3000)}
+    slices = {dataset.offset(rng, 128, 1) for _ in range(5000)}
+    assert starts == set(range(last + 1))
+    assert slices == set(range(127 if offsets == "reference" else 128))
+    assert dataset.offset(rng, 100, 192) == 0  # smaller than the crop: padded, offset 0
 
 
 def test_eval_stack_and_pairs(tmp_path, brats, cfg):
@@ -317,17 +356,35 @@ def _images():
     return images
 
 
-def test_augment_changes_foreground_only():
+def test_augment_foreground_mode_changes_foreground_only():
     images = _images()
-    out = IntensityAugment(p=1.0, p_skip=0.0)(images, torch.Generator().manual_seed(0))
+    out = IntensityAugment(p=1.0, p_skip=0.0, mode="foreground")(images, torch.Generator().manual_seed(0))
     fg = images > -1
     assert torch.isfinite(out).all() and out.min() >= -1 and out.max() <= 1
     assert ((out - images).abs()[fg] > 1e-4).float().mean() > 0.9
     assert (out[~fg] == -1).all()
-    again = IntensityAugment(p=1.0, p_skip=0.0)(images, torch.Generator().manual_seed(0))
+    again = IntensityAugment(p=1.0, p_skip=0.0, mode="foreground")(images, torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, again, atol=0, rtol=0)
-    whole = IntensityAugment(p=1.0, p_skip=0.0, foreground_only=False)(images, torch.Generator().manual_seed(0))
-    assert (whole[~fg] != -1).any()
+
+
+def test_augment_reference_mode_acts_on_the_whole_image_unclamped():
+    """The reference's augmentation: background too, no clamp; with only the bias field on (scale
+    0.2 U(0,1)), the change is a field whose range is exactly the scale and which is dominated by the
+    x^2 y^2 term of raw pixel coordinates: largest change in a corner, not in the middle."""
+    images = _images()
+    out = IntensityAugment(p=1.0, p_skip=0.0)(images, torch.Generator().manual_seed(0))
+    fg = images > -1
+    assert (out[~fg] != -1).all() and (out < -1).any()  # background changed, values below -1 kept
+    from vq.dataloader.augment import _reference_field
+    coeffs = torch.zeros(1, 9)
+    coeffs[0, 8] = 1.0  # x^2 y^2 alone
+    field = _reference_field(coeffs, 24, 24)[0, 0]
+    assert field[0, 0] == 0 and field[-1, -1] == 1 and field[12, 12] == pytest.approx((12 * 12 / 23 / 23) ** 2)
+    coeffs = torch.randn(64, 9, generator=torch.Generator().manual_seed(2))
+    fields = _reference_field(coeffs, 192, 192)[:, 0]
+    row, col = fields.flatten(1).argmax(1) // 192, fields.flatten(1).argmax(1) % 192
+    border = (row == 0) | (row == 191) | (col == 0) | (col == 191)
+    assert border.all()  # the raw-coordinate polynomial (x^2 y^2 ~ 1e9) peaks on the border
 
 
 def test_augment_skip_returns_input():

@@ -14,8 +14,8 @@ def test_two_process_gloo_training(phantom_dir, tmp_path):
     script = REPO_ROOT / "publications/src/vq/train/train_brats_vq_seq2seq_2d.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
            "-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set",
-           *tiny_overrides(phantom_dir, tmp_path), "train.max_steps=3", "train.pretrain_epochs_contrast=0",
-           "train.pretrain_epochs_rand=1"]
+           *tiny_overrides(phantom_dir, tmp_path), "train.max_steps=3", "train.pretrain_epochs_contrast=-1",
+           "train.pretrain_epochs_rand=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     output = done.stdout + done.stderr

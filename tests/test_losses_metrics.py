@@ -1,10 +1,12 @@
 """Losses, metrics and offline pretrained weights, on tiny tensors and self-made weight files."""
 import logging
+import math
 import urllib.error
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torchvision.models.vgg import cfgs, make_layers
@@ -166,7 +168,57 @@ def test_consistency_mse_zero_for_equal_latents_and_foreground_only():
     assert base.item() > 0 and moved.item() == pytest.approx(base.item())
 
     empty = torch.full_like(img, -1.0)
-    assert consistency_loss(latent, other, empty, empty, contrast=True)[0].item() == 0.0
+    assert consistency_loss(latent, other, empty, empty, contrast=False, mse_over="foreground")[0].item() == 0.0
+
+
+@pytest.mark.parametrize("mse_over, expected", [("all", 0.5), ("foreground", 2.0)])
+def test_consistency_mse_averages_over_all_positions_like_the_reference(mse_over, expected):
+    """Latents 0 and 1 on 16 of 64 foreground positions: each side's squared difference is 1, so the
+    symmetric sum is 2 per foreground element; the reference divides by all 64 positions."""
+    img = torch.full((1, 1, 32, 32), -1.0)
+    img[:, :, 8:24, 8:24] = 0.5  # 4 x 4 of the 8 x 8 latent positions
+    zeros, ones = torch.zeros(1, 3, 8, 8), torch.ones(1, 3, 8, 8)
+    loss, _ = consistency_loss(zeros, ones, img, img, contrast=False, mse_over=mse_over)
+    assert loss.item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_contrastive_values_on_identical_vectors(batch):
+    """Every latent vector equal: each anchor's 2M - 1 candidates are equally similar, so SupCon is
+    log(2M - 1) per sample. 64 positions keep M = 8. The reference applies it both ways (2 log 15 per
+    sample) and divides the batch sum by the batch size twice; METHOD.md's reading averages one."""
+    latent = torch.ones(batch, 3, 8, 8)
+    img = torch.zeros(batch, 1, 32, 32)
+    _, ref = consistency_loss(latent, latent.clone(), img, img, contrast=True, variant="reference")
+    _, text = consistency_loss(latent, latent.clone(), img, img, contrast=True, variant="text")
+    assert ref["contrast"].item() == pytest.approx(2 * math.log(15) / batch, rel=1e-5)
+    assert text["contrast"].item() == pytest.approx(math.log(15), rel=1e-5)
+
+
+def test_reference_contrast_ranks_the_source_latent_over_all_positions():
+    """Only the source latent's density picks positions, background included: a target latent that
+    differs at background positions changes the reference's value (those positions can be chosen),
+    while its density plays no part (permuting target rows outside the chosen set changes nothing)."""
+    torch.manual_seed(0)
+    lat_i = torch.randn(1, 3, 8, 8)
+    img = torch.full((1, 1, 32, 32), -1.0)
+    img[:, :, :16] = 0.5  # foreground: the first 4 latent rows
+    mask = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    mask[:, :, :4] = True
+    from vq.losses import contrast_reference, _density
+    vec = F.normalize(lat_i, dim=1).flatten(2).transpose(1, 2) * mask.flatten(2).transpose(1, 2)
+    chosen = _density(vec).argsort(dim=1)[0, :8]
+    assert (chosen >= 32).any()  # background positions (density of a zero vector) are among the chosen
+    lat_j = lat_i + 0.05 * torch.randn_like(lat_i)
+    base = contrast_reference(lat_i, lat_j, mask)
+    moved = lat_j.clone().flatten(2)
+    outside = torch.tensor([k for k in range(64) if k not in chosen.tolist()])
+    moved[:, :, outside] = moved[:, :, outside.roll(1)]
+    assert contrast_reference(lat_i, moved.view_as(lat_j), mask).item() == pytest.approx(base.item(), rel=1e-6)
+    bg = [k for k in chosen.tolist() if k >= 32][0]
+    flipped = lat_j.clone().flatten(2)
+    flipped[:, :, bg] *= -1
+    assert contrast_reference(lat_i, flipped.view_as(lat_j), mask).item() > base.item() + 0.1
 
 
 def test_contrastive_term_prefers_aligned_latents():

@@ -95,11 +95,14 @@ def test_decode_shape_and_range(model):
         model.target_code([0, 4])
 
 
-def test_random_code_is_one_hot_or_uniform_on_sequences(model):
-    codes = model.random_code(64, generator=torch.Generator().manual_seed(0))
-    assert codes.shape == (64, TINY.code_dim) and (codes[:, 4:] == 0).all()
-    one_hot = (codes[:, :4] == 1).sum(1) == 1
-    assert 10 < one_hot.sum() < 54  # about half are one-hot, the rest uniform mixtures
+@pytest.mark.parametrize("uniform_on, width", [("reference", TINY.code_dim), ("sequences", 4)])
+def test_random_code_is_one_hot_or_uniform(model, uniform_on, width):
+    codes = model.random_code(64, generator=torch.Generator().manual_seed(0), uniform_on=uniform_on)
+    one_hot = ((codes == 1).sum(1) == 1) & ((codes != 0).sum(1) == 1)
+    assert codes.shape == (64, TINY.code_dim) and (codes[one_hot][:, 4:] == 0).all()
+    assert 10 < one_hot.sum() < 54  # about half are one-hot on the 4 sequences, the rest uniform
+    mixed = codes[~one_hot]
+    assert (mixed[:, :width] > 0).all() and (mixed[:, width:] == 0).all()  # the reference: all 64 positions
     assert model.decode(model.encode(images(64, 16)).latent, codes).shape == (64, 1, 16, 16)
 
 
@@ -162,3 +165,97 @@ def test_idle_codes_restart_onto_encoder_outputs_only_when_asked():
     for _ in range(4):
         restart(z_e * 3)
     assert torch.equal(restart.embedding.weight, frozen)  # evaluation never changes the codebook
+
+
+def phantom_slice(size: int = 192) -> torch.Tensor:
+    """The centre axial slice of a phantom T1 in [-1, 1], centre-cropped: (1, 1, size, size)."""
+    from vq.dataloader.preprocess import center_crop_2d, normalize
+    from vq.tools.make_phantom_brats import make_subject
+
+    volume = make_subject(0, seed=0)["t1"]
+    image = normalize(volume)[:, :, volume.shape[2] // 2]
+    return torch.from_numpy(center_crop_2d(image[None], size))[:, None]
+
+
+@pytest.mark.parametrize("init, ze_rms, out_std", [("reference", (2.5, 5.0), (0.0, 0.05)),
+                                                    ("pytorch", (0.7, 2.2), (0.1, 0.4))])
+def test_initial_statistics_follow_the_init(init, ze_rms, out_std):
+    """The paper-size network on a phantom slice at initialisation: measured with the reference code,
+    z_e rms 3.6 and output std 0.018; PyTorch's default inits give 1.4 and 0.21."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(init=init)).eval()
+    with torch.no_grad():
+        x = phantom_slice()
+        z_e = model.encode(x).pre_quant
+        out = model(x, 2)
+    assert ze_rms[0] < z_e.pow(2).mean().sqrt() < ze_rms[1]
+    assert out_std[0] < out.std() < out_std[1]
+
+
+def test_reference_init_weights():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(init="reference"))
+    conv = model.encoder.net[1][0]  # 3x3, 64 -> 128
+    assert conv.weight.std().item() == pytest.approx((2 / (64 * 9)) ** 0.5, rel=0.02)
+    assert (model.quant_conv.bias == 0).all() and (model.decoder.embed[0].bias == 0).all()
+    res = model.decoder.res[0].conv1  # bank (16, 256, 256, 3, 3): fan_in = 256 * 9 * 16
+    assert res.weight.std().item() == pytest.approx((2 / (256 * 9 * 16)) ** 0.5, rel=0.01)
+    out = model.decoder.out
+    assert (out.bias == 0).all() and (out.mix.bias == 0).all() and (out.mix_bias.bias == 0).all()
+    assert out.mix.weight.abs().max() <= 1 / 64 ** 0.5  # nn.Linear's default U(+-1/sqrt(fan_in))
+
+
+def test_output_bias_moves_with_its_own_mixer():
+    """The reference's bias(s) = B c(s), c its OWN Linear of the code; 'shared' uses the kernel's a(s).
+    On a mixed (domain-augmentation) code the two give different outputs from the same weights."""
+    torch.manual_seed(0)
+    own = HyperConv2d(3, 1, 3, code_dim=8, n_kernels=4, bias_mix="own")
+    shared = HyperConv2d(3, 1, 3, code_dim=8, n_kernels=4, bias_mix="shared")
+    assert shared.mix_bias is None
+    with torch.no_grad():
+        own.bias.normal_()
+        shared.load_state_dict({k: v for k, v in own.state_dict().items() if "mix_bias" not in k})
+    x, code = torch.randn(1, 3, 6, 6), torch.rand(1, 8)  # a mixed code
+    no_bias = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), own.kernels(code)[0][0])
+    assert torch.allclose(own(x, code) - no_bias, (own.mix_bias(code) @ own.bias).view(1, 1, 1, 1), atol=1e-6)
+    assert torch.allclose(shared(x, code) - no_bias, (own.mix(code) @ own.bias).view(1, 1, 1, 1), atol=1e-6)
+    assert (own(x, code) - shared(x, code)).abs().min() > 1e-3
+    before = own(x, code)
+    with torch.no_grad():
+        own.mix_bias.weight.add_(torch.randn_like(own.mix_bias.weight))
+    delta = own(x, code) - before
+    assert delta.abs().min() > 1e-4 and torch.allclose(delta, delta.flatten()[:1].expand_as(delta))  # a constant shift
+
+
+def test_kmeans_codebook_init_spreads_codes_over_the_encoder_outputs():
+    torch.manual_seed(0)
+    z_e = torch.randn(4, 3, 16, 16) * 3  # 1024 positions far outside the +-1/K codebook
+    uniform = VectorQuantizer(256, 3).train()
+    kmeans = VectorQuantizer(256, 3, init="kmeans").train()
+    assert not kmeans.initialised
+    used_uniform = uniform(z_e).indices.unique().numel()
+    out = kmeans(z_e)
+    assert kmeans.initialised and out.indices.unique().numel() > 4 * used_uniform
+    points = z_e.permute(0, 2, 3, 1).reshape(-1, 3)
+    error = lambda codebook: torch.cdist(points, codebook).min(1).values.pow(2).mean()
+    sampled = points[torch.randperm(len(points), generator=torch.Generator().manual_seed(1))[:256]]
+    assert error(kmeans.embedding.weight) < 0.8 * error(sampled)  # Lloyd's steps beat their random start
+    assert error(kmeans.embedding.weight) < 0.05 * error(uniform.embedding.weight)
+    fitted = kmeans.embedding.weight.detach().clone()
+    kmeans(z_e * 5)
+    assert torch.equal(kmeans.embedding.weight, fitted)  # once only
+    again = VectorQuantizer(256, 3, init="kmeans").train()
+    again.load_state_dict(kmeans.state_dict())
+    again(z_e * 5)
+    assert torch.equal(again.embedding.weight, fitted)  # a loaded (or resumed) codebook is kept
+
+
+def test_checkpoint_of_the_shared_bias_model_says_how_to_load_it(tmp_path):
+    from vq.checkpoint import CheckpointError, load_model_weights
+
+    old = build_model(dataclasses.replace(TINY, hyper_bias="shared"))
+    with pytest.raises(CheckpointError, match="model.hyper_bias=shared"):
+        load_model_weights(build_model(TINY), {"model": old.state_dict()}, "old.pth")
+    load_model_weights(build_model(dataclasses.replace(TINY, hyper_bias="shared")), {"model": old.state_dict()})
+    with pytest.raises(CheckpointError, match="model.hyper_bias=own"):
+        load_model_weights(old, {"model": build_model(TINY).state_dict()}, "new.pth")

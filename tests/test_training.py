@@ -51,11 +51,16 @@ def test_a_few_hundred_steps_reduce_the_reconstruction_loss(phantom_dir, tmp_pat
 
 def test_phases_and_schedule_follow_the_config():
     cfg = load_config(CONFIGS / "vqseq2seq_brats_2d_missing_3_256.yaml")
-    assert Phase.at(cfg, 99) == Phase(contrast=False, sampling=False, domain_aug=False)
-    assert Phase.at(cfg, 100) == Phase(contrast=True, sampling=False, domain_aug=False)
-    assert Phase.at(cfg, 200) == Phase(contrast=True, sampling=True, domain_aug=True)
+    # the reference switches a phase on when the 0-based epoch is greater than its pretrain_epochs_*
+    assert Phase.at(cfg, 100) == Phase(contrast=False, sampling=False, domain_aug=False)
+    assert Phase.at(cfg, 101) == Phase(contrast=True, sampling=False, domain_aug=False)
+    assert Phase.at(cfg, 200) == Phase(contrast=True, sampling=False, domain_aug=False)
+    assert Phase.at(cfg, 201) == Phase(contrast=True, sampling=True, domain_aug=True)
+    # 4 draws x 830 subjects = 3320 steps per epoch: the 1e6-step cap falls in epoch 301
+    assert cfg.data.slices_per_subject * 830 == 3320 and cfg.train.max_steps // 3320 == 301
     assert poly_lr(cfg, 0) == pytest.approx(1e-4)
-    assert poly_lr(cfg, 500) == pytest.approx(1e-6 + (1e-4 - 1e-6) * 0.5 ** 0.9)
+    assert poly_lr(cfg, 500) == pytest.approx(5.4053e-5, abs=1e-9)  # 1e-6 + 99e-6 x 0.5^0.9
+    assert poly_lr(cfg, 301) == pytest.approx(7.2724e-5, abs=1e-9)  # where the reference's run stops
     seq2seq = load_config(CONFIGS / "seq2seq_brats_2d_missing_3.yaml")
     assert Phase.at(seq2seq, 500) == Phase(contrast=False, sampling=False, domain_aug=False)
     assert not seq2seq.model.quantize
@@ -73,8 +78,8 @@ def test_paper_config_builds_the_model_of_the_stated_size():
 
 def test_resume_gives_the_same_next_steps_as_not_stopping(trained_run, phantom_dir, tmp_path):
     base = ["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set",
-            *tiny_overrides(phantom_dir, tmp_path), "train.pretrain_epochs_contrast=0",
-            "train.pretrain_epochs_rand=1"]
+            *tiny_overrides(phantom_dir, tmp_path), "train.pretrain_epochs_contrast=-1",
+            "train.pretrain_epochs_rand=0"]
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert train_main(base + [f"out_dir={whole}", "train.max_steps=7"]) == 0
     assert train_main(base + [f"out_dir={part}", "train.max_steps=4"]) == 0  # stops mid-epoch 1
@@ -126,7 +131,7 @@ def test_each_table1_config_runs_a_few_steps(name, phantom_dir, tmp_path, vgg_we
     code = train_main(["-d", "cpu", "-c", str(CONFIGS / f"{name}.yaml"), "--set",
                        *tiny_overrides(phantom_dir, tmp_path), "train.lambda_per=0.1",
                        f"train.vgg_weights={vgg_weights_file}", "train.max_steps=2",
-                       "train.pretrain_epochs_contrast=0", "train.pretrain_epochs_rand=0"])
+                       "train.pretrain_epochs_contrast=-1", "train.pretrain_epochs_rand=-1"])
     assert code == 0
     row = read_log(tmp_path / "run")[2]
     assert float(row["per"]) > 0
@@ -178,8 +183,8 @@ def test_a_killed_run_resumes_to_the_same_end(trained_run, phantom_dir, tmp_path
 
     script = str(REPO_ROOT / "publications/src/vq/train/train_brats_vq_seq2seq_2d.py")
     common = ["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set",
-              *tiny_overrides(phantom_dir, tmp_path), "train.pretrain_epochs_contrast=0",
-              "train.pretrain_epochs_rand=1", "train.max_steps=12"]
+              *tiny_overrides(phantom_dir, tmp_path), "train.pretrain_epochs_contrast=-1",
+              "train.pretrain_epochs_rand=0", "train.max_steps=12"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert train_main(common + [f"out_dir={whole}"]) == 0
     proc = subprocess.Popen([sys.executable, script, *common, f"out_dir={killed}"],
@@ -248,3 +253,54 @@ def _assert_same_gradients(grads_a, grads_b, rel: float = 1e-3):
     assert len(grads_a) == len(grads_b) > 20
     a, b = torch.cat([g.flatten() for g in grads_a]), torch.cat([g.flatten() for g in grads_b])
     assert (a - b).norm() <= rel * a.norm()
+
+
+def test_a_degenerate_input_skips_the_step(phantom_dir, tmp_path):
+    """The reference skips a step whose augmented input is empty (mean -1) or constant (std 0)."""
+    cfg = load_config(CONFIGS / "vqseq2seq_brats_2d_missing_3_256.yaml",
+                      tiny_overrides(phantom_dir, tmp_path) + ["data.augment=false"])
+    recipe = Recipe(build_model(cfg.model), cfg, perceptual=None)
+    image = torch.full((2, 1, 32, 32), -1.0)
+    image[:, :, 8:24, 8:24] = torch.rand(2, 1, 16, 16)
+    assert recipe.inputs(image, image)[2]
+    empty, constant = image.clone(), image.clone()
+    empty[1] = -1.0
+    constant[0] = 0.3
+    assert not recipe.inputs(image, empty)[2] and not recipe.inputs(constant, image)[2]
+    off = load_config(CONFIGS / "vqseq2seq_brats_2d_missing_3_256.yaml",
+                      tiny_overrides(phantom_dir, tmp_path) + ["data.augment=false", "train.skip_degenerate=false"])
+    assert Recipe(build_model(off.model), off, perceptual=None).inputs(image, empty)[2]
+
+
+def test_validation_includes_the_identity_pairs_like_the_reference():
+    """Two available sequences give 4 pairs with t1 -> t1 and t2 -> t2 (2 without); an identity model
+    (copy) scores infinite PSNR there, so only the identity pairs are perfect."""
+    from vq.training import validate
+
+    class Copy(torch.nn.Module):
+        def forward(self, x, target):
+            return x
+
+    stacks = {"S": {0: torch.rand(2, 1, 8, 8) * 2 - 1, 2: torch.rand(2, 1, 8, 8) * 2 - 1}}
+    total, count = validate(Copy(), stacks, torch.device("cpu"), 4, identity=True)
+    assert count == 4 and total == float("inf")
+    total, count = validate(Copy(), stacks, torch.device("cpu"), 4, identity=False)
+    assert count == 2 and total < 30
+
+
+def test_evaluation_runs_in_fp32_unless_asked(trained_run, tmp_path, monkeypatch, alexnet_weights_file):
+    """Metrics for a paper table are fp32 (test.amp: none), whatever train.amp says."""
+    from vq import evaluation
+    from vq.test.test_brats_vq_2d_metrics import main as evaluate_main
+
+    seen = []
+    original = evaluation.Translator.__init__
+    monkeypatch.setattr(evaluation.Translator, "__init__",
+                        lambda self, model, device, amp, batch: seen.append(amp) or original(self, model, device, amp, batch))
+    overrides, run_dir = trained_run
+    args = ["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "-l", str(run_dir / "ckpt_best.pth"),
+            "--lpips-weights", str(alexnet_weights_file), "--set", *overrides, "train.amp=bf16",
+            "test.save_nifti=false"]
+    assert evaluate_main([*args, "-o", str(tmp_path / "fp32")]) == 0
+    assert evaluate_main([*args, "test.amp=bf16", "-o", str(tmp_path / "bf16")]) == 0
+    assert seen == [None, torch.bfloat16]

@@ -62,7 +62,7 @@ def sync(device: torch.device) -> None:
 
 def full_recipe_epoch(cfg: Config) -> int:
     """The first epoch at which every term of the recipe the config switches on is active."""
-    return max(cfg.train.pretrain_epochs_contrast, cfg.train.pretrain_epochs_rand)
+    return max(cfg.train.pretrain_epochs_contrast, cfg.train.pretrain_epochs_rand) + 1  # phases start after
 
 
 def perceptual_for(cfg: Config, device: torch.device) -> tuple[PerceptualLoss | None, str]:

@@ -42,6 +42,16 @@ def load_model_weights(model: nn.Module, state: dict, path: str | Path = "checkp
     unexpected = [k for k in weights if k not in own]
     shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}"
               for k, v in own.items() if k in weights and weights[k].shape != v.shape]
+    switches = {"mix_bias.": "model.hyper_bias=shared", "quantizer.initialised": "model.codebook_init=uniform"}
+    for part, setting in switches.items():  # keys that exist under one value of a model switch only
+        if missing and all(part in k for k in missing) and not unexpected and not shapes:
+            raise CheckpointError(f"checkpoint {path} was trained with {setting} (it has no {missing[0]}); "
+                                  f"load it with --set {setting}")
+        if unexpected and all(part in k for k in unexpected) and not missing and not shapes:
+            key, value = setting.split("=")
+            other = {"model.hyper_bias": "own", "model.codebook_init": "kmeans"}[key]
+            raise CheckpointError(f"checkpoint {path} was trained with {key}={other} (it has {unexpected[0]}); "
+                                  f"load it with --set {key}={other}")
     if missing or unexpected or shapes:
         parts = []
         if missing:

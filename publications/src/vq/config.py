@@ -20,6 +20,9 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 """The repository root; relative paths in configs are resolved against it."""
 
 
+AMP_MODES = ("auto", "bf16", "fp16", "none")
+
+
 class ConfigError(ValueError):
     """A config problem a user can fix, with the offending key in the message."""
 
@@ -38,10 +41,22 @@ class DataConfig:
     """Training random crop and valid/test centre crop (pixels)."""
     percentile: float = 99.0
     """Normalisation: clip to [0, 2 x this percentile], map to [-1, 1]."""
-    slices_per_subject: int = 1
-    """Training pairs drawn per subject per epoch (an epoch = this x subjects pairs)."""
+    slices_per_subject: int = 4
+    """Training pairs drawn per subject per epoch (an epoch = this x subjects pairs); the reference's `rep_step`."""
+    group_by_subject: bool = True
+    """The `slices_per_subject` pairs of a subject are consecutive items of the epoch and share one
+    left-right flip, as in the reference, which loads a subject once and draws its pairs from it.
+    False: every item is shuffled and flipped on its own."""
+    offsets: str = "reference"
+    """Random slice and crop offsets: `reference` draws 0..n-size-1 (the reference's randint, which
+    never draws the last offset: slices 0..126 of 128, crop offsets 0..47 of 0..48); `full` draws 0..n-size."""
     augment: bool = True
     """Intensity augmentation of the inputs (METHOD.md, step 1)."""
+    augment_mode: str = "reference"
+    """`reference`: the whole image, background included, no clamp, the reference's bias field
+    (9 monomials x^i y^j, i, j <= 2, of raw pixel coordinates with N(0, 1) coefficients);
+    `foreground`: background stays -1, the result is clamped to [-1, 1], a field of 5 monomials
+    on coordinates in [-1, 1]."""
     flip: bool = True
     """Random left-right flip in training."""
     cache_dir: str = "outputs/cache"
@@ -66,10 +81,19 @@ class ModelConfig:
     """True: beta weights the codebook term ||z_q - sg[z_e]||^2 (the reference's form)."""
     restart_after: int = 0
     """Move a code unused for this many training steps onto a random z_e; 0 = never (the paper)."""
+    codebook_init: str = "uniform"
+    """`uniform`: U(-1/K, 1/K), the paper's; `kmeans`: k-means of the first training batch's z_e
+    (a data-dependent init, not in the paper)."""
     code_dim: int = 64
     """c_s: length of the target-sequence code."""
     n_kernels: int = 16
     """c_w: kernels in each hyper-conv bank."""
+    hyper_bias: str = "own"
+    """Hyper-conv bias = bank x mixing coefficients: `own` gives the bias its own mixing Linear (the
+    reference); `shared` reuses the kernel's coefficients (checkpoints made before this switch)."""
+    init: str = "reference"
+    """`reference`: Conv2d weights Kaiming-normal (fan_in, a=0), every Conv2d/Linear bias 0, hyper-conv
+    banks Kaiming-normal over (in x k x k x n_kernels); `pytorch`: PyTorch's default inits."""
 
 
 @dataclass
@@ -83,9 +107,9 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.05
     pretrain_epochs_contrast: int = 100
-    """Contrastive term joins the consistency loss from this epoch."""
+    """The contrastive term joins the consistency loss once the 0-based epoch is greater than this."""
     pretrain_epochs_rand: int = 200
-    """VQC sampling and domain augmentation start at this epoch."""
+    """VQC sampling and domain augmentation start once the 0-based epoch is greater than this."""
     consistency: bool = True
     sampling: bool = True
     domain_aug: bool = True
@@ -96,7 +120,19 @@ class TrainConfig:
     lambda_con: float = 10.0
     temperature: float = 0.07
     contrast_keep: float = 0.125
-    """Share of foreground positions (lowest density) used by the contrastive term."""
+    """Share of positions (lowest density) used by the contrastive term."""
+    con_mse: str = "all"
+    """Consistency MSE: `all` averages the masked squared difference over all latent positions (the
+    reference; background counts as 0); `foreground` averages over foreground positions only."""
+    contrast: str = "reference"
+    """Contrastive term: `reference` (density of the masked source latent over all positions, lowest
+    share of all positions, SupCon both ways and summed, / batch^2); `text` (METHOD.md's reading:
+    density of both latents over foreground positions at the temperature, one symmetric InfoNCE)."""
+    random_code: str = "reference"
+    """Domain augmentation's uniform code: `reference` draws U(0, 1) on all code_dim positions;
+    `sequences` only on the N_SEQ sequence positions (the others' embedding columns never see a target)."""
+    skip_degenerate: bool = True
+    """Skip a step whose augmented input is empty or constant (mean == -1 or std < 1e-8), as the reference."""
     vgg_weights: str | None = None
     """Local VGG19 ImageNet weights file; None = torchvision's cache."""
     amp: str = "auto"
@@ -107,6 +143,8 @@ class TrainConfig:
     compile: bool = False
     val_slices: int = 16
     """Central slices per volume used by validation."""
+    val_identity: bool = True
+    """Validation PSNR also averages the source == target reconstructions (the reference's ckpt_best)."""
     val_every: int = 1
     """Validate every this many epochs."""
     log_every: int = 10
@@ -119,6 +157,9 @@ class TrainConfig:
 class TestConfig:
     batch_size: int = 16
     """Slices per inference batch."""
+    amp: str = "none"
+    """Precision of validation, evaluation and synthesis: `none` = fp32 (the reference; paper tables),
+    or auto / bf16 / fp16 as train.amp, an explicit choice."""
     lpips_weights: str | None = None
     """Local AlexNet ImageNet weights for LPIPS; None = torchvision's cache."""
     multi_step: list[list[str]] = field(default_factory=lambda: [
@@ -235,7 +276,17 @@ def _build(cls, raw: dict, prefix: str = ""):
 
 def _validate(cfg: Config) -> None:
     checks = [
-        (cfg.train.amp in ("auto", "bf16", "fp16", "none"), "train.amp must be auto, bf16, fp16 or none"),
+        (cfg.train.amp in AMP_MODES, "train.amp must be auto, bf16, fp16 or none"),
+        (cfg.test.amp in AMP_MODES, "test.amp must be none, auto, bf16 or fp16"),
+        (cfg.data.offsets in ("reference", "full"), "data.offsets must be reference or full"),
+        (cfg.data.augment_mode in ("reference", "foreground"), "data.augment_mode must be reference or foreground"),
+        (cfg.data.slices_per_subject >= 1, "data.slices_per_subject must be >= 1"),
+        (cfg.model.codebook_init in ("uniform", "kmeans"), "model.codebook_init must be uniform or kmeans"),
+        (cfg.model.hyper_bias in ("own", "shared"), "model.hyper_bias must be own or shared"),
+        (cfg.model.init in ("reference", "pytorch"), "model.init must be reference or pytorch"),
+        (cfg.train.con_mse in ("all", "foreground"), "train.con_mse must be all or foreground"),
+        (cfg.train.contrast in ("reference", "text"), "train.contrast must be reference or text"),
+        (cfg.train.random_code in ("reference", "sequences"), "train.random_code must be reference or sequences"),
         (cfg.data.crop % (2 ** cfg.model.n_down) == 0, "data.crop must be divisible by 2**model.n_down"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.model.restart_after >= 0, "model.restart_after must be >= 0 (0 = no codebook restarts)"),
@@ -292,17 +343,34 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's mapping with its `base:` chain merged in (the file's own keys win).
+
+    `base: other.yaml` is resolved against the file's folder, so an ablation file holds only
+    what it changes; the run folder still gets the fully resolved config.
+    """
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: base: chain loops back to this file")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found" + (f" (base: of {seen[-1]})" if seen else ""))
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
+    return _merge(_read_yaml(path.parent / base, (*seen, path)), raw)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
-    """Load a YAML config (or only defaults when `path` is None) and apply overrides."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    """Load a YAML config (or only defaults when `path` is None), its `base:` chain, and overrides."""
+    raw = _read_yaml(Path(path)) if path is not None else {}
     over = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
     cfg = _build(Config, _merge(raw, over))
     _validate(cfg)

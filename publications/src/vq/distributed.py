@@ -54,6 +54,15 @@ def sum_across(d: Dist, *values: float) -> list[float]:
     return t.tolist()
 
 
+def all_true(d: Dist, flag: torch.Tensor) -> bool:
+    """A 0-d bool tensor that must hold on every rank -> whether it does (one host sync)."""
+    if not d.enabled:
+        return bool(flag)
+    value = flag.to(torch.int32).reshape(1)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value)
+
+
 def replicas_in_sync(d: Dist, model: torch.nn.Module) -> bool:
     """True when every rank holds bit-identical weights (a check DDP should always pass)."""
     if not d.enabled:

@@ -177,79 +177,110 @@ def _block_loss(layers: list[nn.Module], x: Tensor, index: Tensor, *targets: Ten
 
 
 # ----------------------------------------------------------------------------- consistency
-def foreground_mask(img_i: Tensor, img_j: Tensor, size: tuple[int, int], eps: float = 1e-3) -> Tensor:
-    """Pixels where neither image is background, at latent size: 2 x (B, 1, H, W) -> (B, 1, h, w) bool."""
-    fg = ((img_i > BACKGROUND + eps) & (img_j > BACKGROUND + eps)).float()
+def foreground_mask(img_i: Tensor, img_j: Tensor, size: tuple[int, int]) -> Tensor:
+    """Pixels where neither image is background (<= -1), at latent size (nearest):
+    2 x (B, 1, H, W) -> (B, 1, h, w) bool."""
+    fg = ((img_i > BACKGROUND) & (img_j > BACKGROUND)).float()
     return F.interpolate(fg, size=size, mode="nearest") > 0.5
 
 
-def _density(vectors: Tensor, temperature: float) -> Tensor:
-    """(N, D) unit vectors -> (N,) density: softmax of the similarity matrix over dim 0, summed over the row.
+def _density(vectors: Tensor, temperature: float = 1.0) -> Tensor:
+    """(..., N, D) vectors -> (..., N) density: softmax of the similarity matrix over the
+    anchors' axis (each column sums to 1), summed over the row. Summing a row of a
+    row-normalised softmax would give 1 for every position."""
+    sim = vectors @ vectors.transpose(-1, -2) / temperature  # (..., N, N)
+    return sim.softmax(dim=-2).sum(dim=-1)
 
-    The softmax is normalised over dim 0 (each column sums to 1): summing a row of
-    a row-normalised softmax would give 1 for every position.
+
+def _info_nce(view_a: Tensor, view_b: Tensor, temperature: float) -> Tensor:
+    """SupCon with two views and no labels (SimCLR's loss): (..., M, D) x 2, row k of both is the
+    positive pair -> (...) mean over the 2M anchors.
+
+    Each of the 2M vectors is an anchor; its only positive is the other view's vector at the
+    same position, the negatives are the other 2M - 2 vectors of both views. With temperature
+    equal to SupCon's base temperature, SupCon's factor T / T_base is 1.
     """
-    sim = vectors @ vectors.T / temperature  # (N, N)
-    return sim.softmax(dim=0).sum(dim=1)
-
-
-def _info_nce(anchor_i: Tensor, anchor_j: Tensor, temperature: float) -> Tensor:
-    """SupCon with two views: (M, D) x 2 unit vectors, row k of both is the positive pair -> scalar.
-
-    Each of the 2M vectors is an anchor (so both ways, i->j and j->i); its only
-    positive is the other sequence's vector at the same position, the negatives
-    are all other 2M - 2 vectors of both sequences.
-    """
-    m = anchor_i.shape[0]
-    feats = torch.cat([anchor_i, anchor_j])  # (2M, D)
-    logits = feats @ feats.T / temperature  # (2M, 2M)
+    m = view_a.shape[-2]
+    feats = torch.cat([view_a, view_b], dim=-2)  # (..., 2M, D)
+    logits = feats @ feats.transpose(-1, -2) / temperature  # (..., 2M, 2M)
     logits = logits.masked_fill(torch.eye(2 * m, dtype=torch.bool, device=feats.device), float("-inf"))
     positive = torch.arange(2 * m, device=feats.device).roll(m)  # k <-> k + M
-    return F.cross_entropy(logits, positive)
+    log_prob = logits.log_softmax(dim=-1).gather(-1, positive.expand(*logits.shape[:-2], -1)[..., None])
+    return -log_prob.squeeze(-1).mean(-1)
+
+
+def contrast_reference(lat_i: Tensor, lat_j: Tensor, mask: Tensor, temperature: float = 0.07,
+                       keep: float = 0.125) -> Tensor:
+    """The reference code's contrastive term: (B, D, h, w) x 2 latents, (B, 1, h, w) mask -> scalar.
+
+    Latent vectors are L2-normalised; the density comes from the source latent alone, times the
+    mask (background vectors become 0), over all h x w positions and without a temperature; the
+    floor(keep x h x w) lowest-density positions of ALL positions (background included) are
+    contrasted with SupCon both ways, (z_i, z_j) and (z_j, z_i), summed per sample; the batch sum
+    is divided by the batch size twice.
+    """
+    batch = lat_i.shape[0]
+    vec_i = (lat_i / lat_i.norm(dim=1, keepdim=True)).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
+    vec_j = (lat_j / lat_j.norm(dim=1, keepdim=True)).flatten(2).transpose(1, 2)
+    n_keep = int(vec_i.shape[1] * keep)
+    with torch.no_grad():  # the ranking only selects positions
+        masked = vec_i * mask.flatten(2).transpose(1, 2)  # (B, N, D), background rows 0
+        sparse = _density(masked).argsort(dim=1)[:, :n_keep]  # (B, n_keep)
+    index = sparse[..., None].expand(-1, -1, vec_i.shape[2])  # (B, n_keep, D)
+    sel_i, sel_j = vec_i.gather(1, index), vec_j.gather(1, index)
+    # SupCon((z_i, z_j)) + SupCon((z_j, z_i)): the same anchors in the other order, the same value
+    per_sample = _info_nce(sel_i, sel_j, temperature) + _info_nce(sel_j, sel_i, temperature)  # (B,)
+    return per_sample.sum() / batch / batch
+
+
+def _contrast_text(lat_i: Tensor, lat_j: Tensor, mask: Tensor, temperature: float, keep: float,
+                   max_positions: int) -> Tensor:
+    """METHOD.md's reading of the contrastive term, per sample over foreground positions only:
+    a position's density is the sum of its two vectors' densities (at the temperature) within
+    both latents' foreground vectors, the `keep` share of lowest density (at least 2) enters one
+    symmetric InfoNCE; mean over the samples. At most `max_positions` random foreground positions
+    per sample bound the (2N)^2 similarity matrix."""
+    terms = []
+    for b in range(lat_i.shape[0]):
+        fg = mask[b, 0].flatten().nonzero().squeeze(1)  # (N,) foreground position indices
+        if fg.numel() > max_positions:
+            fg = fg[torch.randperm(fg.numel(), device=fg.device)[:max_positions]]
+        n = fg.numel()
+        if n < 2:  # no negatives to contrast with
+            continue
+        vec_i = F.normalize(lat_i[b].flatten(1)[:, fg].T, dim=1)  # (D, h*w) -> (N, D)
+        vec_j = F.normalize(lat_j[b].flatten(1)[:, fg].T, dim=1)
+        with torch.no_grad():
+            density = _density(torch.cat([vec_i, vec_j]), temperature).view(2, n).sum(0)  # (N,)
+            sparse = density.topk(min(n, max(2, math.ceil(keep * n))), largest=False).indices
+        terms.append(_info_nce(vec_i[sparse], vec_j[sparse], temperature))
+    return torch.stack(terms).mean() if terms else lat_i.new_zeros(())
 
 
 def consistency_loss(latent_i: Tensor, latent_j: Tensor, img_i: Tensor, img_j: Tensor, contrast: bool,
-                     temperature: float = 0.07, keep: float = 0.125,
-                     max_positions: int = 2048) -> tuple[Tensor, dict[str, Tensor]]:
+                     temperature: float = 0.07, keep: float = 0.125, mse_over: str = "all",
+                     variant: str = "reference", max_positions: int = 2048) -> tuple[Tensor, dict[str, Tensor]]:
     """Consistency of the two sequences' latents on the foreground (METHOD.md, step 6).
 
     latent_*: (B, D, h, w) quantized latents; img_*: (B, 1, H, W) clean images in [-1, 1].
-    Returns (mse + contrast, {"mse", "contrast"} detached). Both terms are 0 when
-    there is no foreground.
+    Returns (mse + contrast, {"mse", "contrast"} detached).
 
-    mse: symmetric, each side against the detached other, averaged over the
-    foreground positions and the D channels.
-    contrast (when `contrast`): per sample, the foreground vectors of both
-    sequences are L2-normalised; a position's density is the sum of the
-    densities of its two vectors within the concatenated set (2N vectors), and
-    the `keep` share of lowest-density positions (at least 2) go into the InfoNCE
-    loss. At most `max_positions` random foreground positions per sample enter
-    the density, bounding its (2N)^2 similarity matrix (2048 -> 64 MB fp32; a
-    192x192 crop has 48x48 = 2304 latent positions in all). Computed in fp32.
+    mse: symmetric, each side against the detached other, of the latents times the foreground
+    mask; averaged over all B x D x h x w elements (`mse_over="all"`, the reference: background
+    counts as 0) or over the foreground elements only (`"foreground"`; 0 without foreground).
+    contrast (when `contrast`): `variant="reference"` is `contrast_reference`, `"text"` the
+    METHOD.md reading (`_contrast_text`). Computed in fp32.
     """
     mask = foreground_mask(img_i, img_j, latent_i.shape[-2:])  # (B, 1, h, w)
     with torch.autocast(latent_i.device.type, enabled=False):
         lat_i, lat_j = latent_i.float(), latent_j.float()
         sq = (lat_i - lat_j.detach()).pow(2) + (lat_j - lat_i.detach()).pow(2)  # (B, D, h, w)
-        n_elems = mask.sum().clamp(min=1) * lat_i.shape[1]  # clamp: empty foreground gives 0, no host sync
-        mse = (sq * mask).sum() / n_elems
-
+        if mse_over == "all":
+            mse = (sq * mask).mean()
+        else:  # clamp: an empty foreground gives 0, with no host sync
+            mse = (sq * mask).sum() / (mask.sum().clamp(min=1) * lat_i.shape[1])
         nce = lat_i.new_zeros(())
         if contrast:
-            terms = []
-            for b in range(lat_i.shape[0]):
-                fg = mask[b, 0].flatten().nonzero().squeeze(1)  # (N,) foreground position indices
-                if fg.numel() > max_positions:
-                    fg = fg[torch.randperm(fg.numel(), device=fg.device)[:max_positions]]
-                n = fg.numel()
-                if n < 2:  # no negatives to contrast with
-                    continue
-                vec_i = F.normalize(lat_i[b].flatten(1)[:, fg].T, dim=1)  # (D, h*w) -> (N, D)
-                vec_j = F.normalize(lat_j[b].flatten(1)[:, fg].T, dim=1)
-                with torch.no_grad():  # the ranking only selects positions
-                    density = _density(torch.cat([vec_i, vec_j]), temperature).view(2, n).sum(0)  # (N,)
-                    sparse = density.topk(min(n, max(2, math.ceil(keep * n))), largest=False).indices
-                terms.append(_info_nce(vec_i[sparse], vec_j[sparse], temperature))
-            if terms:
-                nce = torch.stack(terms).mean()
+            nce = (contrast_reference(lat_i, lat_j, mask, temperature, keep) if variant == "reference"
+                   else _contrast_text(lat_i, lat_j, mask, temperature, keep, max_positions))
     return mse + nce, {"mse": mse.detach(), "contrast": nce.detach()}

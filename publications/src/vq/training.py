@@ -29,9 +29,11 @@ class Phase:
 
     @classmethod
     def at(cls, cfg: Config, epoch: int) -> "Phase":
+        """Phases switch on once the 0-based epoch is GREATER than their pretrain_epochs_*, as in
+        the reference: 100 / 200 start them at epochs 101 / 201."""
         t = cfg.train
-        rand = epoch >= t.pretrain_epochs_rand
-        return cls(contrast=t.consistency and epoch >= t.pretrain_epochs_contrast,
+        rand = epoch > t.pretrain_epochs_rand
+        return cls(contrast=t.consistency and epoch > t.pretrain_epochs_contrast,
                    sampling=t.sampling and rand, domain_aug=t.domain_aug and rand)
 
 
@@ -64,23 +66,43 @@ class Recipe(nn.Module):
             to_channels_last(model)
             if perceptual is not None:
                 to_channels_last(perceptual)
-        self.augment = IntensityAugment() if cfg.data.augment else None
+        self.augment = IntensityAugment(mode=cfg.data.augment_mode) if cfg.data.augment else None
+
+    def inputs(self, src: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The augmented inputs of a batch and whether the step may run: -> (in_src, in_tgt, ok).
+
+        ok: a 0-d bool tensor, False when `train.skip_degenerate` and an augmented input of the
+        batch is empty or constant (mean == -1 within 1e-8, or std < 1e-8), the reference's skip.
+        It stays on the device: the caller decides when to read it.
+        """
+        in_src = self.augment(src) if self.augment is not None else src
+        in_tgt = self.augment(tgt) if self.augment is not None else tgt
+        ok = torch.ones((), dtype=torch.bool, device=src.device)
+        if self.cfg.train.skip_degenerate:
+            both = torch.cat([in_src, in_tgt]).flatten(1).float()  # (2B, H*W)
+            degenerate = ((both.mean(1) + 1).abs() < 1e-8) | (both.std(1) < 1e-8)
+            ok = ~degenerate.any()
+        return in_src, in_tgt, ok
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_idx: torch.Tensor, tgt_idx: torch.Tensor,
-                epoch: int, amp: torch.dtype | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """src/tgt: clean (B,1,H,W) in [-1,1]; src_idx/tgt_idx: (B,) sequence indices."""
+                epoch: int, amp: torch.dtype | None = None,
+                inputs: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """src/tgt: clean (B,1,H,W) in [-1,1]; src_idx/tgt_idx: (B,) sequence indices.
+
+        inputs: the augmented (in_src, in_tgt) from `inputs()`; None augments here.
+        """
         cfg, model, phase = self.cfg.train, self.model, Phase.at(self.cfg, epoch)
         batch = src.shape[0]
         device = src.device
-        in_src = self.augment(src) if self.augment is not None else src
-        in_tgt = self.augment(tgt) if self.augment is not None else tgt
+        in_src, in_tgt = inputs if inputs is not None else self.inputs(src, tgt)[:2]
 
         with autocast(device, amp):
             if phase.domain_aug:  # step 4: feed the model its own translation to a random code
                 swap = torch.rand(batch, device=device) < 0.5
                 if swap.any():
                     with torch.no_grad():
-                        fake = model(in_src[swap], model.random_code(int(swap.sum())).to(device))
+                        codes = model.random_code(int(swap.sum()), uniform_on=cfg.random_code)
+                        fake = model(in_src[swap], codes.to(device))
                     in_src = in_src.clone()
                     in_src[swap] = fake.to(in_src.dtype)
 
@@ -121,7 +143,8 @@ class Recipe(nn.Module):
         if cfg.consistency:
             con, con_parts = consistency_loss(lat_src.float(), lat_tgt.float(), src, tgt,
                                               contrast=phase.contrast, temperature=cfg.temperature,
-                                              keep=cfg.contrast_keep)
+                                              keep=cfg.contrast_keep, mse_over=cfg.con_mse,
+                                              variant=cfg.contrast)
             parts["con"] = con
             loss = loss + cfg.lambda_con * con
         if not torch.isfinite(loss):
@@ -153,8 +176,9 @@ def translate(model: nn.Module, stack: torch.Tensor, target: int, batch_size: in
 
 @torch.no_grad()
 def validate(model: nn.Module, stacks: dict[str, dict[int, torch.Tensor]], device: torch.device,
-             batch_size: int, amp: torch.dtype | None = None) -> tuple[float, int]:
-    """Sum and count of PSNR (data range 2) over every (available source, available target) pair.
+             batch_size: int, amp: torch.dtype | None = None, identity: bool = True) -> tuple[float, int]:
+    """Sum and count of PSNR (data range 2) over every (available source, available target) pair,
+    source == target included when `identity` (the reference's validation, train.val_identity).
 
     stacks: subject -> {sequence index: (S,1,H,W) centre-cropped central slices}.
     Returns sums so that ranks can add theirs before dividing.
@@ -166,7 +190,7 @@ def validate(model: nn.Module, stacks: dict[str, dict[int, torch.Tensor]], devic
         for s, src in seqs.items():
             src = src.to(device)
             for t, tgt in seqs.items():
-                if s != t:
+                if identity or s != t:
                     pred = translate(model, src, t, batch_size, amp)
                     total += float(psnr(pred[:, 0], tgt[:, 0].to(device)))  # one value per stack
                     count += 1

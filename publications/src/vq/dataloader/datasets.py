@@ -33,7 +33,9 @@ class PairDataset(Dataset):
     Items are indexed by the keys of `EpochSampler` (epoch * len + item): all
     randomness of an item (which pair order, slice, crop, flip) comes from
     (seed, key) alone, so a run sees the same data whatever the worker count,
-    and after a resume. An epoch is `slices_per_subject` items per subject.
+    and after a resume. An epoch is `slices_per_subject` items per subject; with
+    `group_by_subject` the flip is drawn once per (epoch, subject), shared by the
+    subject's items, as the reference flips a loaded subject.
     """
 
     def __init__(self, cache: SliceCache, subjects: list[tuple[str, int]], cfg: DataConfig, seed: int = 0):
@@ -44,15 +46,25 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return self.cfg.slices_per_subject * len(self.subjects)
 
+    def offset(self, rng: np.random.Generator, n: int, size: int) -> int:
+        """A random start of a `size` window in `n`: 0..n-size-1 with data.offsets "reference" (its
+        randint never draws the last start), 0..n-size with "full"; 0 when n <= size."""
+        last = n - size - (1 if self.cfg.offsets == "reference" else 0)
+        return int(rng.integers(max(last, 0) + 1))
+
     def __getitem__(self, key: int) -> dict:
         rng = np.random.default_rng((self.seed, key))
-        name, code = self.subjects[key % len(self.subjects)]
+        subject = key % len(self.subjects)
+        name, code = self.subjects[subject]
         # either sequence of the pair may be the source
         src, tgt = (int(i) for i in rng.choice(train_sequences(code, self.cfg.missing), size=2, replace=False))
         src_vol, tgt_vol = self.cache.volume(name, src), self.cache.volume(name, tgt)  # (S, X, Y) float16
-        index = int(rng.integers(src_vol.shape[0]))
-        start = tuple(int(rng.integers(max(n - self.cfg.crop, 0) + 1)) for n in src_vol.shape[1:])
-        flip = self.cfg.flip and rng.random() < 0.5
+        index = self.offset(rng, src_vol.shape[0], 1)
+        start = tuple(self.offset(rng, n, self.cfg.crop) for n in src_vol.shape[1:])
+        flip_rng = rng
+        if self.cfg.group_by_subject:
+            flip_rng = np.random.default_rng((self.seed, key // len(self), subject, 1))  # (epoch, subject)
+        flip = self.cfg.flip and flip_rng.random() < 0.5
 
         def view(volume: np.ndarray) -> torch.Tensor:  # (S, X, Y) -> (1, crop, crop) float32
             image = pad_or_crop(np.asarray(volume[index], dtype=np.float32), self.cfg.crop, start)
@@ -85,7 +97,8 @@ def make_train_loader(cfg: Config, cache: SliceCache, subjects: list[tuple[str, 
     good = set(cache.ensure(needed, skip_bad=True))
     dataset = PairDataset(cache, [(n, c) for n, c in subjects if n in good], cfg.data, seed)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    sampler = EpochSampler(len(dataset), cfg.train.batch_size, seed, rank, world)
+    group = cfg.data.slices_per_subject if cfg.data.group_by_subject else 1
+    sampler = EpochSampler(len(dataset), cfg.train.batch_size, seed, rank, world, group)
     workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_workers()
     log.info("training pairs: %d subjects, %d items per epoch, %d loader workers",
              len(dataset.subjects), len(dataset), workers)

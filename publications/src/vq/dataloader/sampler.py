@@ -11,10 +11,21 @@ from torch.utils.data import Sampler
 
 
 class EpochSampler(Sampler[int]):
-    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+    """Keys of one epoch of n items, shuffled.
+
+    group > 1: the n items are `group` draws of each of n / group subjects (item i belongs to
+    subject i % (n / group)); the subjects are shuffled and each one's draws come one after
+    another, as when a subject is loaded once and several slices are drawn from it (the
+    reference's `rep_step`). Each rank then takes a contiguous run of the order.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 group: int = 1):
         if n < batch_size * world_size:
             raise ValueError(f"{n} training items cannot fill one batch of {batch_size} on {world_size} process(es)")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+        if n % group:
+            raise ValueError(f"{n} items are not {group} draws per subject")
+        self.n, self.batch_size, self.seed, self.group = n, batch_size, seed, group
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start = 0, 0
 
@@ -28,8 +39,15 @@ class EpochSampler(Sampler[int]):
 
     def _keys(self) -> list[int]:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=gen)[: self.batches_per_epoch * self.batch_size * self.world_size]
-        mine = order[self.rank::self.world_size]  # each rank a disjoint share, same count
+        per_rank = self.batches_per_epoch * self.batch_size
+        if self.group > 1:
+            subjects = self.n // self.group
+            order = (torch.randperm(subjects, generator=gen)[:, None]
+                     + subjects * torch.arange(self.group)).flatten()  # a subject's draws in a row
+            mine = order[self.rank * per_rank:(self.rank + 1) * per_rank]
+        else:
+            order = torch.randperm(self.n, generator=gen)[: per_rank * self.world_size]
+            mine = order[self.rank::self.world_size]  # each rank a disjoint share, same count
         return (mine[self.start * self.batch_size:] + self.epoch * self.n).tolist()
 
     def __iter__(self):

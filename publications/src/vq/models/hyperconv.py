@@ -1,6 +1,7 @@
 """Hyper-convolution: a conv whose kernel is mixed from a learned bank by a code (METHOD.md, "Decoder").
 
-kernel(s) = sum_k a_k(s) W_k and bias(s) = sum_k a_k(s) b_k, with a(s) = Linear(code_dim -> n_kernels)(s).
+kernel(s) = sum_k a_k(s) W_k with a(s) = Linear(code_dim -> n_kernels)(s), and bias(s) = sum_k c_k(s) b_k,
+where c(s) is the bias's own Linear of the code (the reference code; `bias_mix="shared"` uses a(s)).
 """
 from __future__ import annotations
 
@@ -53,37 +54,55 @@ class HyperConv2d(nn.Module):
     once, and passes the groups to every hyper-conv (`groups=`): the rows of
     `x` and `code` are then already in group order.
 
-    Init: each bank entry is initialised like nn.Conv2d, and the mixing Linear
-    so that a unit-norm code gives coefficients with ||a|| ~ 1; the mixed kernel
-    of independent entries then has the scale of one ordinary conv kernel.
+    Init (`init`): "reference" as the reference code: the bank Kaiming-normal with
+    fan_in = in x k x k x n_kernels, the bias bank 0, the mixing Linears' biases 0
+    (their weights keep nn.Linear's default). "pytorch": each bank entry as
+    nn.Conv2d's default, the kernel mixer so that a unit-norm code gives ||a|| ~ 1.
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, code_dim: int = 64,
-                 n_kernels: int = 16, padding_mode: str = "reflect", bias: bool = True):
+                 n_kernels: int = 16, padding_mode: str = "reflect", bias: bool = True,
+                 bias_mix: str = "own", init: str = "reference"):
         super().__init__()
         self.in_ch, self.out_ch, self.kernel_size = in_ch, out_ch, kernel_size
         self.n_kernels, self.padding_mode = n_kernels, padding_mode
         self.weight = nn.Parameter(torch.empty(n_kernels, out_ch, in_ch, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.empty(n_kernels, out_ch)) if bias else None
         self.mix = nn.Linear(code_dim, n_kernels)  # a(s)
-        self.reset_parameters()
+        # c(s): the bias's own mixer (the reference), or None to reuse a(s)
+        self.mix_bias = nn.Linear(code_dim, n_kernels) if bias and bias_mix == "own" else None
+        self.reset_parameters(init)
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, init: str = "reference") -> None:
+        if init == "reference":
+            fan_in = self.in_ch * self.kernel_size**2 * self.n_kernels
+            nn.init.normal_(self.weight, std=math.sqrt(2 / fan_in))  # kaiming_normal_(a=0, fan_in)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+            for mixer in (self.mix, self.mix_bias):
+                if mixer is not None:
+                    mixer.reset_parameters()
+                    nn.init.zeros_(mixer.bias)
+            return
         fan_in = self.in_ch * self.kernel_size**2
         for w in self.weight:  # each entry as nn.Conv2d's default init
             nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         if self.bias is not None:
             nn.init.uniform_(self.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
         # var(a_k) = |s|^2 / n_kernels, so E|a|^2 = |s|^2 and the mixed kernel keeps one entry's scale
-        nn.init.normal_(self.mix.weight, std=1 / math.sqrt(self.n_kernels))
-        nn.init.zeros_(self.mix.bias)
+        for mixer in (self.mix, self.mix_bias):
+            if mixer is not None:
+                nn.init.normal_(mixer.weight, std=1 / math.sqrt(self.n_kernels))
+                nn.init.zeros_(mixer.bias)
 
     def kernels(self, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Mixed kernels and biases for G codes: (G, code_dim) -> (G, out, in, k, k), (G, out)."""
         coeffs = self.mix(code)  # (G, n_kernels)
         weight = (coeffs @ self.weight.flatten(1)).view(-1, *self.weight.shape[1:])
-        bias = coeffs @ self.bias if self.bias is not None else None
-        return weight, bias
+        if self.bias is None:
+            return weight, None
+        bias_coeffs = coeffs if self.mix_bias is None else self.mix_bias(code)  # (G, n_kernels)
+        return weight, bias_coeffs @ self.bias
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         pad = self.kernel_size // 2

@@ -11,7 +11,9 @@ encoder's outputs) the nearest code of almost every z_e is one of the few
 codebook vectors on the hull of that cloud, and the other codes never move.
 `restart_after=N` (off by default, as in the paper) moves a code that no
 position chose in N training steps onto a random z_e of the current batch,
-the common dead-code restart of VQ training.
+the common dead-code restart of VQ training. `init="kmeans"` (also not in the
+paper) instead places the whole codebook on the k-means centroids of the first
+training batch's z_e, so that every code starts inside the encoder's cloud.
 """
 from __future__ import annotations
 
@@ -34,12 +36,16 @@ class QuantizerOutput(NamedTuple):
 
 class VectorQuantizer(nn.Module):
     def __init__(self, n_embed: int, embed_dim: int, beta: float = 0.25, legacy: bool = True,
-                 restart_after: int = 0):
+                 restart_after: int = 0, init: str = "uniform"):
         super().__init__()
         self.n_embed, self.embed_dim, self.beta, self.legacy = n_embed, embed_dim, beta, legacy
         self.restart_after = restart_after
         self.embedding = nn.Embedding(n_embed, embed_dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / n_embed, 1.0 / n_embed)
+        self._init_pending = init == "kmeans"
+        """Python-side flag, so that the buffer below is read (a host sync) only once per process."""
+        if self._init_pending:  # saved with the weights: a resumed or loaded model is not re-initialised
+            self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
         # training steps since each code was last chosen (counted only when restarts are on); saved
         # always, so that a checkpoint loads whatever restart_after the loading config has
         self.register_buffer("idle_steps", torch.zeros(n_embed, dtype=torch.long))
@@ -62,6 +68,8 @@ class VectorQuantizer(nn.Module):
             z_flat = z.permute(0, 2, 3, 1).reshape(-1, D)  # (B, D, H, W) -> (B*H*W, D)
             # restarts follow the one gradient-taking encoding of each training step (the
             # no-grad translations of domain augmentation run on some replicas only)
+            if self._init_pending and self.training and torch.is_grad_enabled():
+                self._kmeans_init(z_flat.detach())
             restarts = self.training and self.restart_after > 0 and torch.is_grad_enabled()
             if restarts:
                 self._restart_idle_codes(z_flat.detach())
@@ -80,6 +88,31 @@ class VectorQuantizer(nn.Module):
 
             z_q = z + (z_q - z).detach()  # straight-through: forward z_q, backward identity to z_e
         return QuantizerOutput(z_q, indices.view(B, H, W), loss)
+
+    @torch.no_grad()
+    def _kmeans_init(self, z_flat: torch.Tensor, iters: int = 10) -> None:
+        """Codebook := k-means centroids of (N, D) encoder outputs, once (the first training batch).
+
+        Lloyd's iterations from K distinct random points (with repeats when N < K); a cluster that
+        empties keeps its centroid. Rank 0's codebook is broadcast, so replicas start equal.
+        """
+        self._init_pending = False
+        if bool(self.initialised):
+            return
+        gen = torch.Generator(device=z_flat.device).manual_seed(0)
+        picks = (torch.randperm(len(z_flat), generator=gen, device=z_flat.device)[:self.n_embed]
+                 if len(z_flat) >= self.n_embed else
+                 torch.randint(len(z_flat), (self.n_embed,), generator=gen, device=z_flat.device))
+        centroids = z_flat[picks].clone()  # (K, D)
+        for _ in range(iters):
+            nearest = torch.cdist(z_flat, centroids).argmin(1)  # (N,)
+            sums = torch.zeros_like(centroids).index_add_(0, nearest, z_flat)
+            counts = torch.bincount(nearest, minlength=self.n_embed).unsqueeze(1)  # (K, 1)
+            centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(centroids, src=0)
+        self.embedding.weight.copy_(centroids)
+        self.initialised.fill_(True)
 
     @torch.no_grad()
     def _count_use(self, indices: torch.Tensor) -> None:

@@ -127,13 +127,14 @@ class Decoder(nn.Module):
     """(B, C * 2**n_down, h, w) latent features and (B, code_dim) code -> (B, 1, h * 2**n_down, w * 2**n_down) in [-1, 1]."""
 
     def __init__(self, base_channels: int = 64, n_down: int = 2, n_res: int = 6,
-                 code_dim: int = 64, n_kernels: int = 16):
+                 code_dim: int = 64, n_kernels: int = 16, hyper_bias: str = "own"):
         super().__init__()
         ch = base_channels * 2**n_down
         self.embed = nn.Sequential(nn.Linear(code_dim, code_dim), nn.LeakyReLU(0.2))
         self.res = nn.ModuleList(HyperResBlock(ch, code_dim, n_kernels) for _ in range(n_res))
         self.up = nn.ModuleList(HyperUp(ch // 2**i, code_dim, n_kernels) for i in range(n_down))
-        self.out = HyperConv2d(base_channels, 1, 7, code_dim, n_kernels)
+        # the only hyper-conv with a bias: every other one is followed by InstanceNorm, which removes it
+        self.out = HyperConv2d(base_channels, 1, 7, code_dim, n_kernels, bias_mix=hyper_bias)
         self.recompute = False
         """Activation checkpointing per block (train.checkpointing)."""
 
@@ -175,11 +176,29 @@ class VQSeq2Seq(nn.Module):
         if cfg.quantize:
             self.quant_conv = nn.Conv2d(ch, cfg.embed_dim, 1)  # (B, 4C, h, w) -> (B, D, h, w)
             self.quantizer = VectorQuantizer(cfg.n_embed, cfg.embed_dim, cfg.beta, cfg.legacy_beta,
-                                             cfg.restart_after)
+                                             cfg.restart_after, cfg.codebook_init)
             self.post_quant_conv = nn.Conv2d(cfg.embed_dim, ch, 1)  # (B, D, h, w) -> (B, 4C, h, w)
         else:
             self.quant_conv = self.quantizer = self.post_quant_conv = None
-        self.decoder = Decoder(cfg.base_channels, cfg.n_down, cfg.n_res, cfg.code_dim, cfg.n_kernels)
+        self.decoder = Decoder(cfg.base_channels, cfg.n_down, cfg.n_res, cfg.code_dim, cfg.n_kernels,
+                               cfg.hyper_bias)
+        self.reset_parameters(cfg.init)
+
+    def reset_parameters(self, init: str = "reference") -> None:
+        """"reference": as the reference code, every Conv2d weight Kaiming-normal (fan_in, a=0) and
+        every Conv2d and Linear bias 0 (hyper-convs: see HyperConv2d); "pytorch": PyTorch's defaults.
+        The codebook keeps its own init (the quantizer's)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                module.reset_parameters()
+                if init == "reference":
+                    if isinstance(module, nn.Conv2d):
+                        nn.init.kaiming_normal_(module.weight, a=0, mode="fan_in")
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
+        for module in self.modules():  # second: a hyper-conv (re)sets its own mixing Linears
+            if isinstance(module, HyperConv2d):
+                module.reset_parameters(init)
 
     @property
     def device(self) -> torch.device:
@@ -188,9 +207,6 @@ class VQSeq2Seq(nn.Module):
     def set_checkpointing(self, enabled: bool) -> None:
         """Activation checkpointing in encoder and decoder: less memory, about a third more compute."""
         self.encoder.recompute = self.decoder.recompute = enabled
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def target_code(self, target: Target, batch_size: int | None = None,
                     device: torch.device | str | None = None) -> torch.Tensor:
@@ -220,22 +236,23 @@ class VQSeq2Seq(nn.Module):
             code = code.expand(batch_size, -1)
         return code
 
-    def random_code(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def random_code(self, batch_size: int, generator: torch.Generator | None = None,
+                    uniform_on: str = "reference") -> torch.Tensor:
         """Random target codes for domain augmentation (METHOD.md, step 4): (B, code_dim).
 
-        Each sample gets, with p=0.5, a random one-hot of the N_SEQ sequences,
-        otherwise a uniform U(0,1) vector on the first N_SEQ positions (zeros
-        elsewhere), i.e. a random mixture of the trained sequence codes. The
-        reference draws the uniform vector over all code_dim positions; we keep
-        the other positions 0 because their embedding columns are never trained
-        on a real target, so random values there would only add untrained noise.
+        Each sample gets, with p=0.5, a random one-hot of the N_SEQ sequences, otherwise a
+        uniform U(0,1) vector: on all code_dim positions (`uniform_on="reference"`, as the
+        reference draws it) or on the first N_SEQ positions only (`"sequences"`, zeros elsewhere:
+        a random mixture of the trained sequence codes, since the other positions' embedding
+        columns are never trained on a real target).
         """
         device = generator.device if generator is not None else torch.device("cpu")
-        onehot = F.one_hot(torch.randint(N_SEQ, (batch_size,), generator=generator, device=device), N_SEQ)
-        uniform = torch.rand(batch_size, N_SEQ, generator=generator, device=device)
+        width = self.cfg.code_dim if uniform_on == "reference" else N_SEQ
+        onehot = F.one_hot(torch.randint(N_SEQ, (batch_size,), generator=generator, device=device), width)
+        uniform = torch.rand(batch_size, width, generator=generator, device=device)
         use_onehot = torch.rand(batch_size, 1, generator=generator, device=device) < 0.5
-        mix = torch.where(use_onehot, onehot.float(), uniform)  # (B, N_SEQ)
-        return F.pad(mix, (0, self.cfg.code_dim - N_SEQ)).to(self.device)  # -> (B, code_dim)
+        mix = torch.where(use_onehot, onehot.float(), uniform)  # (B, width)
+        return F.pad(mix, (0, self.cfg.code_dim - width)).to(self.device)  # -> (B, code_dim)
 
     def encode(self, x: torch.Tensor) -> Encoded:
         z = self.encoder(x)  # (B, 1, H, W) -> (B, 4C, H/4, W/4)

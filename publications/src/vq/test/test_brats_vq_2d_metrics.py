@@ -55,7 +55,7 @@ def run(args) -> None:
     if (out / "result_metrics.csv").exists() and not args.overwrite:
         raise FileExistsError(f"{out} already holds results; pass --overwrite or choose another -o")
     device = resolve_device(args.device)
-    amp = amp_dtype(device, cfg.train.amp)
+    amp = amp_dtype(device, cfg.test.amp)
     model = load_trained_model(cfg, args.load, device)
     translator = Translator(model, device, amp, cfg.test.batch_size)
     lpips = LPIPSMetric.try_create(args.lpips_weights or cfg.test.lpips_weights, device=device)

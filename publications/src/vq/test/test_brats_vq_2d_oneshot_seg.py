@@ -191,7 +191,7 @@ def run(args) -> None:
         raise FileExistsError(f"{out} already holds results; pass --overwrite or choose another -o")
     device = resolve_device(args.device)
     model = load_trained_model(cfg, args.load, device)
-    translator = Translator(model, device, amp_dtype(device, cfg.train.amp), cfg.test.batch_size)
+    translator = Translator(model, device, amp_dtype(device, cfg.test.amp), cfg.test.batch_size)
 
     root = resolve_path(cfg.data.root)
     subjects = read_list(cfg.lists_dir / args.list)

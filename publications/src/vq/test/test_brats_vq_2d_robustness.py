@@ -77,7 +77,7 @@ def main(argv=None) -> int:
 
 def load_translator(cfg: Config, checkpoint: str, device: torch.device) -> Translator:
     model = load_trained_model(cfg, checkpoint, device)
-    return Translator(model, device, amp_dtype(device, cfg.train.amp), cfg.test.batch_size)
+    return Translator(model, device, amp_dtype(device, cfg.test.amp), cfg.test.batch_size)
 
 
 def model_labels(configs: list[Config], checkpoints: list[str]) -> list[str]:

@@ -74,7 +74,7 @@ def run(args) -> None:
     cfg = load_config(args.config, args.set)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    translator = Translator(load_trained_model(cfg, args.load, device), device, amp_dtype(device, cfg.train.amp), cfg.test.batch_size)
+    translator = Translator(load_trained_model(cfg, args.load, device), device, amp_dtype(device, cfg.test.amp), cfg.test.batch_size)
     targets = args.tgt
     sources = {s: load_volume(path) for s, path in args.src}
     first = next(iter(sources.values()))

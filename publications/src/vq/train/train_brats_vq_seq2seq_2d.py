@@ -29,7 +29,7 @@ from vq.config import load_config, resolve_path, save_config
 from vq.dataloader.brats import SliceCache
 from vq.dataloader.datasets import load_eval_stack, make_train_loader
 from vq.dataloader.lists import read_list
-from vq.distributed import Dist, barrier, cleanup, init_distributed, replicas_in_sync, sum_across
+from vq.distributed import Dist, all_true, barrier, cleanup, init_distributed, replicas_in_sync, sum_across
 from vq.files import write_atomic
 from vq.losses import PerceptualLoss
 from vq.models import build_model
@@ -41,7 +41,7 @@ from vq.weights import MissingWeightsError
 
 log = logging.getLogger("train")
 LOG_COLUMNS = ["step", "epoch", "lr", "loss", "l1", "ssim", "per", "vq", "con", "perplexity", "usage",
-               "slices_per_s", "val_psnr"]
+               "slices_per_s", "val_psnr", "skipped"]
 
 
 def parse_args(argv=None):
@@ -126,14 +126,16 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device) -> int
             perceptual = PerceptualLoss(weights_path=cfg.train.vgg_weights).to(device)
         except MissingWeightsError as err:
             raise MissingWeightsError(f"{err}; or train without the perceptual loss: --set train.lambda_per=0") from None
-    recipe = Recipe(model, cfg, perceptual)
+    recipe = recipe_core = Recipe(model, cfg, perceptual)
+    eval_amp = amp_dtype(device, cfg.test.amp)  # validation as the evaluation: fp32 unless test.amp says
     optimizer = make_optimizer(model, cfg)
     log.info("model %s: %.2f M parameters; %d train / %d valid subjects",
              type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, len(train_rows),
              len(valid_rows))
 
     steps_per_epoch = loader.sampler.batches_per_epoch
-    epoch, step, in_epoch, best = 0, 0, 0, float("-inf")  # in_epoch: steps already taken in this epoch
+    epoch, step, in_epoch, best = 0, 0, 0, float("-inf")  # in_epoch: batches already drawn in this epoch
+    skipped = 0  # steps skipped for a degenerate input (train.skip_degenerate), since this process started
     if args.resume:
         state = read_checkpoint(run_dir / "ckpt_last.pth")
         load_model_weights(model, state, run_dir / "ckpt_last.pth")
@@ -176,8 +178,9 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device) -> int
         if args.resume and log_path.exists():
             drop_rows_after(log_path, step)
         new_log = not log_path.exists()
+        columns = LOG_COLUMNS if new_log else log_path.open().readline().strip().split(",")  # a resumed run keeps its columns
         log_file = log_path.open("a", newline="")
-        log_csv = csv.DictWriter(log_file, LOG_COLUMNS, extrasaction="ignore")
+        log_csv = csv.DictWriter(log_file, columns, extrasaction="ignore")
         if new_log:
             log_csv.writeheader()
 
@@ -207,13 +210,19 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device) -> int
                 if cfg.train.channels_last:
                     src = src.contiguous(memory_format=torch.channels_last)
                     tgt = tgt.contiguous(memory_format=torch.channels_last)
+                in_src, in_tgt, ok = recipe_core.inputs(src, tgt)
+                in_epoch += 1
+                if not all_true(ddp, ok):  # an empty or constant input: the reference skips the step
+                    skipped += 1
+                    log.debug("step %d: skipped (empty or constant augmented input)", step + 1)
+                    continue
                 loss, stats = step_fn(src, tgt, batch["src_idx"].to(device), batch["tgt_idx"].to(device),
-                                      epoch=epoch, amp=amp)
+                                      epoch=epoch, amp=amp, inputs=(in_src, in_tgt))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 step += 1
-                in_epoch += 1
+                stats["skipped"] = skipped
                 toc = time.perf_counter()
                 stats["slices_per_s"] = src.shape[0] * ddp.world_size / max(toc - tic, 1e-9)
                 tic = toc
@@ -232,7 +241,8 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device) -> int
                 epoch, in_epoch = epoch + 1, 0
             finished = epoch >= cfg.train.epochs or step >= cfg.train.max_steps
             if epoch % cfg.train.val_every == 0 or finished:
-                total, count = sum_across(ddp, *validate(model, my_valid, device, cfg.test.batch_size, amp))
+                total, count = sum_across(ddp, *validate(model, my_valid, device, cfg.test.batch_size, eval_amp,
+                                                         identity=cfg.train.val_identity))
                 psnr = total / max(count, 1)
                 record({"step": step, "epoch": epoch, "lr": lr, "val_psnr": psnr}, {"valid/psnr": psnr})
                 log.info("epoch %d step %d: valid PSNR %.2f dB over %d pairs", epoch, step, psnr, count)
@@ -240,7 +250,7 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device) -> int
                     best = psnr
                     checkpoint("ckpt_best.pth")
                 if main_rank:
-                    grid = sample_grid_for(model, valid, device, amp, f"epoch {epoch}, step {step}")
+                    grid = sample_grid_for(model, valid, device, eval_amp, f"epoch {epoch}, step {step}")
                     save_png(grid, run_dir / "samples" / f"epoch_{epoch:04d}.png")
                     writer.add_image("valid/samples", grid, step, dataformats="HWC")
             checkpoint("ckpt_last.pth", finished=finished)
