@@ -1,7 +1,9 @@
 """Bad input ends in a one-line error naming the file, subject or key, and a non-zero exit; never silent."""
 from __future__ import annotations
 
+import csv
 import json
+import logging
 import shutil
 
 import nibabel as nib
@@ -111,17 +113,79 @@ def test_synthesis_needs_two_samples_for_a_std(n, capsys):
     assert exit_.value.code == 2 and "--samples must be 0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("how", ["zeros", "nan", "missing"])
-def test_a_broken_training_subject_is_skipped_with_a_warning(how, broken, trained_run, tmp_path, caplog):
+def broken_train_args(trained_run, root, work, *extra):
     overrides, _ = trained_run
+    return ["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set", *overrides, f"data.root={root}",
+            f"data.cache_dir={work}/cache", f"out_dir={work}/run", "train.max_steps=1", *extra]
+
+
+def break_training_subject(broken, how):
+    """Break one file a training subject trains on (or list a subject that does not exist)."""
     name, avail = read_list(broken / "train.csv")[0]
-    seq = SEQUENCES[train_pair(avail)[0]]  # a sequence this subject trains on
-    break_file(broken / name / f"{name}_{seq}.nii.gz", how)
-    code = train_main(["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set", *overrides,
-                       f"data.root={broken}", f"data.cache_dir={tmp_path}/cache", f"out_dir={tmp_path}/run",
-                       "train.max_steps=1"])
-    assert code == 0
-    assert any(r.levelname == "WARNING" and name in r.getMessage() for r in caplog.records)
+    if how == "unlisted":
+        with open(broken / "train.csv", "a") as f:
+            f.write("BraTS2021_99999,5\n")
+        return "BraTS2021_99999", "BraTS2021_99999"
+    path = broken / name / f"{name}_{SEQUENCES[train_pair(avail)[0]]}.nii.gz"
+    break_file(path, how)
+    return name, path.name if how != "shape" else "differ in shape"
+
+
+BROKEN = ["missing", "truncated", "not_nifti", "shape", "zeros", "nan", "unlisted"]
+
+
+@pytest.mark.parametrize("how", BROKEN)
+def test_a_broken_training_subject_stops_the_run_before_it_starts(how, broken, trained_run, tmp_path, caplog, capsys):
+    name, what = break_training_subject(broken, how)
+    assert train_main(broken_train_args(trained_run, broken, tmp_path)) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0]
+    n_checked = len(read_list(broken / "train.csv")) + len(read_list(broken / "valid.csv"))
+    assert f"1 of {n_checked} subjects unusable" in errors[0] and name in errors[0] and what in errors[0]
+    assert "data.skip_bad=true" in errors[0] and "Traceback" not in capsys.readouterr().err
+    report = tmp_path / "run" / "bad_subjects.csv"
+    assert str(report) in errors[0] and name in report.read_text()
+    assert not (tmp_path / "run" / "ckpt_last.pth").exists() and not (tmp_path / "run" / "log.csv").exists()
+
+
+@pytest.mark.parametrize("how", ["truncated", "unlisted"])
+def test_skip_bad_trains_without_them_and_says_so(how, broken, trained_run, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    name, _ = break_training_subject(broken, how)
+    assert train_main(broken_train_args(trained_run, broken, tmp_path, "data.skip_bad=true")) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("training without them: 1 of" in w and name in w for w in warnings)
+    n_train = len(read_list(broken / "train.csv")) - 1
+    assert any(f"; {n_train} train / 1 valid subjects" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("how", BROKEN)
+def test_the_check_command_reports_the_same_cases(how, broken, trained_run, tmp_path, capsys):
+    from vq.tools.check_dataset import main as check_main
+
+    overrides, _ = trained_run
+    name, what = break_training_subject(broken, how)
+    report = tmp_path / "report.csv"
+    code = check_main(["-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "-o", str(report), "--set", *overrides,
+                       f"data.root={broken}", f"data.cache_dir={tmp_path}/cache"])
+    out = capsys.readouterr().out
+    n = {lst: len(read_list(broken / f"{lst}.csv")) for lst in ("train", "valid", "test")}
+    assert code == 1 and f"| train | {n['train']} | {n['train'] - 1} | 1 |" in out
+    assert f"| test | {n['test']} | {n['test']} | 0 |" in out
+    with open(report, newline="") as f:
+        rows = list(csv.DictReader(f))
+    bad = [r for r in rows if r["status"] == "bad"]
+    assert len(rows) == sum(n.values()) and [(r["list"], r["subject"]) for r in bad] == [("train", name)]
+    assert what in bad[0]["reason"]
+
+
+def test_the_check_command_passes_a_good_dataset(phantom_dir, trained_run, tmp_path, capsys):
+    from vq.tools.check_dataset import main as check_main
+
+    overrides, _ = trained_run
+    assert check_main(["-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set", *overrides,
+                       f"data.cache_dir={tmp_path}/cache"]) == 0
+    assert "all 6 subjects usable" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("line, message", [("BraTS2021_99999,5", "BraTS2021_99999"), ("{name},15", "not in 1..14"),

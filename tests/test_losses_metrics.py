@@ -186,7 +186,7 @@ def test_consistency_mse_averages_over_all_positions_like_the_reference(mse_over
 def test_contrastive_values_on_identical_vectors(batch):
     """Every latent vector equal: each anchor's 2M - 1 candidates are equally similar, so SupCon is
     log(2M - 1) per sample. 64 positions keep M = 8. The reference applies it both ways (2 log 15 per
-    sample) and divides the batch sum by the batch size twice; METHOD.md's reading averages one."""
+    sample) and divides the batch sum by the batch size twice; the paper text's reading averages one."""
     latent = torch.ones(batch, 3, 8, 8)
     img = torch.zeros(batch, 1, 32, 32)
     _, ref = consistency_loss(latent, latent.clone(), img, img, contrast=True, variant="reference")

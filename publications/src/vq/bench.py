@@ -213,7 +213,7 @@ def count_flops(cfg: Config, device: torch.device, perceptual: PerceptualLoss | 
     """Model FLOPs per slice: {"infer": encode + decode, "train": forward + backward of the full recipe}.
 
     The training step is counted once; its domain augmentation (a no-grad
-    translation of each source with p = 0.5, METHOD.md step 4) is counted at its
+    translation of each source with p = 0.5, docs/method.md step 4) is counted at its
     expected rate: the counted step's actual number of augmented sources (seen
     by a hook on the model's own forward, which only the augmentation calls) is
     replaced by B/2 translations at the inference cost. The optimizer step is

@@ -7,6 +7,7 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 from typing import Callable
 
@@ -48,6 +49,12 @@ def run_main(body: Callable[[argparse.Namespace], int | None], args: argparse.Na
         return body(args) or 0
     except USER_ERRORS as err:
         log.error("%s", err)
+        return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        log.error("no space left on device writing %s; files written before are intact: free space and run "
+                  "again (training: --resume RUN_DIR)", err.filename or "a file")
         return 2
 
 

@@ -34,7 +34,7 @@ class DataConfig:
     lists: str | None = None
     """Folder with train.csv/valid.csv/test.csv; defaults to `root`."""
     missing: bool = True
-    """Training subjects keep only the neighbouring pair chosen by n mod 3 (METHOD.md)."""
+    """Training subjects keep only the neighbouring pair chosen by n mod 3 (docs/method.md)."""
     n_slices: int = 128
     """Central axial slices used per volume."""
     crop: int = 192
@@ -51,7 +51,7 @@ class DataConfig:
     """Random slice and crop offsets: `reference` draws 0..n-size-1 (the reference's randint, which
     never draws the last offset: slices 0..126 of 128, crop offsets 0..47 of 0..48); `full` draws 0..n-size."""
     augment: bool = True
-    """Intensity augmentation of the inputs (METHOD.md, step 1)."""
+    """Intensity augmentation of the inputs (docs/method.md, step 1)."""
     augment_mode: str = "reference"
     """`reference`: the whole image, background included, no clamp, the reference's bias field
     (9 monomials x^i y^j, i, j <= 2, of raw pixel coordinates with N(0, 1) coefficients);
@@ -60,9 +60,14 @@ class DataConfig:
     flip: bool = True
     """Random left-right flip in training."""
     cache_dir: str = "outputs/cache"
-    """Preprocessed slice cache (float16 memory maps)."""
+    """Preprocessed slice cache (memory maps)."""
+    cache_dtype: str = "float16"
+    """Cached slices in float16 (half the disk; within 2.4e-4 of the reference's float32 values) or float32."""
     num_workers: int = -1
     """DataLoader workers; -1 = sized to the machine."""
+    skip_bad: bool = False
+    """Train without subjects whose files are missing or broken (default: such a subject stops the
+    run before its first step, naming it)."""
 
 
 @dataclass
@@ -126,7 +131,7 @@ class TrainConfig:
     reference; background counts as 0); `foreground` averages over foreground positions only."""
     contrast: str = "reference"
     """Contrastive term: `reference` (density of the masked source latent over all positions, lowest
-    share of all positions, SupCon both ways and summed, / batch^2); `text` (METHOD.md's reading:
+    share of all positions, SupCon both ways and summed, / batch^2); `text` (the paper text's reading:
     density of both latents over foreground positions at the temperature, one symmetric InfoNCE)."""
     random_code: str = "reference"
     """Domain augmentation's uniform code: `reference` draws U(0, 1) on all code_dim positions;
@@ -147,8 +152,13 @@ class TrainConfig:
     """Validation PSNR also averages the source == target reconstructions (the reference's ckpt_best)."""
     val_every: int = 1
     """Validate every this many epochs."""
+    val_at_end: bool = True
+    """Also validate (and maybe keep as ckpt_best) the model where max_steps ends a run mid-epoch;
+    the reference returns there without validating (false)."""
     log_every: int = 10
     """Steps between log.csv / TensorBoard rows."""
+    dist_timeout_s: int = 1800
+    """Under torchrun: how long a collective waits for the other processes (seconds)."""
     ckpt_every_steps: int = 0
     """Also save ckpt_last.pth every this many steps (0 = once per epoch)."""
 
@@ -279,6 +289,7 @@ def _validate(cfg: Config) -> None:
         (cfg.train.amp in AMP_MODES, "train.amp must be auto, bf16, fp16 or none"),
         (cfg.test.amp in AMP_MODES, "test.amp must be none, auto, bf16 or fp16"),
         (cfg.data.offsets in ("reference", "full"), "data.offsets must be reference or full"),
+        (cfg.data.cache_dtype in ("float16", "float32"), "data.cache_dtype must be float16 or float32"),
         (cfg.data.augment_mode in ("reference", "foreground"), "data.augment_mode must be reference or foreground"),
         (cfg.data.slices_per_subject >= 1, "data.slices_per_subject must be >= 1"),
         (cfg.model.codebook_init in ("uniform", "kmeans"), "model.codebook_init must be uniform or kmeans"),

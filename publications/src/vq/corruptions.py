@@ -1,4 +1,4 @@
-"""Source-image corruptions for the anti-interference claim (METHOD.md, "Claims of the paper beyond Table 1").
+"""Source-image corruptions for the anti-interference claim (docs/method.md, "Claims of the paper beyond Table 1").
 
 Each corruption takes a stack (S, 1, H, W) in [-1, 1], works on the [0, 1]
 intensity scale, and gives back a stack in [-1, 1] whose background (pixels at

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -23,10 +24,11 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
+def init_distributed(device: torch.device, timeout_s: float = 1800) -> tuple[Dist, torch.device]:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU.
 
-    On CUDA each process takes the GPU of its LOCAL_RANK.
+    On CUDA each process takes the GPU of its LOCAL_RANK. `timeout_s`: how long a collective
+    waits for the other ranks (train.dist_timeout_s).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -36,7 +38,7 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return Dist(rank, world, local), device
 
 

@@ -1,4 +1,4 @@
-"""The paper's evaluation protocol (METHOD.md, "Evaluation protocol") and its summary tables.
+"""The paper's evaluation protocol (docs/method.md, "Evaluation protocol") and its summary tables.
 
 For each test subject: every available source x every missing target, single
 step and through configured multi-step paths, plus a "copy the source"
@@ -9,6 +9,7 @@ per-volume SUM of per-slice LPIPS (the reference's table numbers),
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vq.files import write_atomic
 from vq.metrics import LPIPSMetric, lpips_volume, psnr, ssim3d
 from vq.runtime import autocast
 from vq.sequences import DISPLAY_NAMES, SEQUENCES, available, missing, path_name, seq_index
@@ -112,14 +114,15 @@ def score(pred: torch.Tensor, target: torch.Tensor, lpips: LPIPSMetric | None) -
 
 
 def write_metrics(rows: list[dict], path: str | Path, columns: list[str] = METRIC_COLUMNS) -> Path:
-    """A metrics CSV (result_metrics.csv by default); NaN (LPIPS unavailable) becomes an empty cell."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if isinstance(v, float) and math.isnan(v) else
-                             (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    return Path(path)
+    """A metrics CSV (result_metrics.csv by default), written atomically; NaN (LPIPS unavailable)
+    becomes an empty cell."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if isinstance(v, float) and math.isnan(v) else
+                         (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return write_atomic(path, lambda f: f.write(text.getvalue().encode()))
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -142,13 +145,15 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def write_summary(summary: list[dict], csv_path: str | Path, md_path: str | Path) -> None:
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, SUMMARY_COLUMNS)
-        writer.writeheader()
-        for entry in summary:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) and not math.isnan(v) else
-                                 "" if isinstance(v, float) else v) for k, v in entry.items()})
-    Path(md_path).write_text(summary_markdown(summary))
+    """summary.csv and summary.md, each written atomically."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, SUMMARY_COLUMNS)
+    writer.writeheader()
+    for entry in summary:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) and not math.isnan(v) else
+                             "" if isinstance(v, float) else v) for k, v in entry.items()})
+    write_atomic(csv_path, lambda f: f.write(text.getvalue().encode()))
+    write_atomic(md_path, lambda f: f.write(summary_markdown(summary).encode()))
 
 
 def summary_markdown(summary: list[dict]) -> str:

@@ -1,4 +1,4 @@
-"""Image and latent losses of the training step (METHOD.md, "Training step" 5-6).
+"""Image and latent losses of the training step (docs/method.md, "Training step" 5-6).
 
 - `ssim_loss`: 1 - SSIM, 7x7 uniform window.
 - `PerceptualLoss`: VGG19 features (avg-pool), MSE at every ReLU of the first 30 layers.
@@ -38,7 +38,7 @@ def ssim_loss(pred: Tensor, target: Tensor, win: int = 7, k1: float = 0.01, k2: 
     Uniform `win` x `win` window without padding (only windows fully inside the image,
     as scikit-image averages them) and sample covariance (N / (N - 1)), so that
     1 - ssim_loss equals skimage.metrics.structural_similarity of each 2D image.
-    Data range L = max(2, target max) per image, C1 = (k1 L)^2, C2 = (k2 L)^2 (METHOD.md).
+    Data range L = max(2, target max) per image, C1 = (k1 L)^2, C2 = (k2 L)^2 (docs/method.md).
     Computed in fp32: the variance (E[x^2] - E[x]^2) cancels badly in bf16.
     """
     with torch.autocast(pred.device.type, enabled=False):
@@ -59,7 +59,7 @@ def ssim_loss(pred: Tensor, target: Tensor, win: int = 7, k1: float = 0.01, k2: 
 
 # ----------------------------------------------------------------------------- perceptual
 class PerceptualLoss(nn.Module):
-    """Sum over the ReLU outputs of VGG19 `features[:30]` of the feature MSE (METHOD.md, step 5).
+    """Sum over the ReLU outputs of VGG19 `features[:30]` of the feature MSE (docs/method.md, step 5).
 
     Max-pools are replaced by average pools (same kernel and stride). Each layer's
     MSE is a mean over its elements; the 13 layer values are summed, as the
@@ -235,7 +235,7 @@ def contrast_reference(lat_i: Tensor, lat_j: Tensor, mask: Tensor, temperature: 
 
 def _contrast_text(lat_i: Tensor, lat_j: Tensor, mask: Tensor, temperature: float, keep: float,
                    max_positions: int) -> Tensor:
-    """METHOD.md's reading of the contrastive term, per sample over foreground positions only:
+    """The paper text's reading of the contrastive term, per sample over foreground positions only:
     a position's density is the sum of its two vectors' densities (at the temperature) within
     both latents' foreground vectors, the `keep` share of lowest density (at least 2) enters one
     symmetric InfoNCE; mean over the samples. At most `max_positions` random foreground positions
@@ -260,7 +260,7 @@ def _contrast_text(lat_i: Tensor, lat_j: Tensor, mask: Tensor, temperature: floa
 def consistency_loss(latent_i: Tensor, latent_j: Tensor, img_i: Tensor, img_j: Tensor, contrast: bool,
                      temperature: float = 0.07, keep: float = 0.125, mse_over: str = "all",
                      variant: str = "reference", max_positions: int = 2048) -> tuple[Tensor, dict[str, Tensor]]:
-    """Consistency of the two sequences' latents on the foreground (METHOD.md, step 6).
+    """Consistency of the two sequences' latents on the foreground (docs/method.md, step 6).
 
     latent_*: (B, D, h, w) quantized latents; img_*: (B, 1, H, W) clean images in [-1, 1].
     Returns (mse + contrast, {"mse", "contrast"} detached).
@@ -269,7 +269,7 @@ def consistency_loss(latent_i: Tensor, latent_j: Tensor, img_i: Tensor, img_j: T
     mask; averaged over all B x D x h x w elements (`mse_over="all"`, the reference: background
     counts as 0) or over the foreground elements only (`"foreground"`; 0 without foreground).
     contrast (when `contrast`): `variant="reference"` is `contrast_reference`, `"text"` the
-    METHOD.md reading (`_contrast_text`). Computed in fp32.
+    the paper text's reading (`_contrast_text`). Computed in fp32.
     """
     mask = foreground_mask(img_i, img_j, latent_i.shape[-2:])  # (B, 1, h, w)
     with torch.autocast(latent_i.device.type, enabled=False):

@@ -1,4 +1,4 @@
-"""Image-quality metrics, one definition for training, testing and tools (METHOD.md, "Evaluation protocol").
+"""Image-quality metrics, one definition for training, testing and tools (docs/method.md, "Evaluation protocol").
 
 All images are in [-1, 1], so the data range is 2.
 - `psnr`: torch, per sample of a batch or over a whole 3D stack.

@@ -15,6 +15,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from vq.files import write_atomic
+
 
 class NiftiError(ValueError):
     """A file that is missing, unreadable or unusable, named in the message."""
@@ -82,10 +84,9 @@ def save_like(data: np.ndarray, like: Volume | nib.Nifti1Image, path: str | Path
     header.set_data_dtype(dtype)
     out = nib.Nifti1Image(back, image.affine, header)
     out.header.set_slope_inter(1.0, 0.0)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(out, str(path))
-    return path
+    # atomic: a killed run never leaves a half-written volume under the final name
+    return write_atomic(path, lambda f: f.write(out.to_bytes() if not str(path).endswith(".gz")
+                                                 else gzip.compress(out.to_bytes(), compresslevel=1)))
 
 
 def ras_shape(image: nib.Nifti1Image) -> tuple[int, int, int]:

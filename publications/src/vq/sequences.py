@@ -1,6 +1,6 @@
 """The MRI sequences, their order, and the availability codes of the data lists.
 
-One home for every fact about sequence names (METHOD.md, "Sequence index order
+One home for every fact about sequence names (docs/method.md, "Sequence index order
 everywhere"), the 4-bit availability codes 1..14 of the valid/test lists, and
 the "missing" pairing of training subjects (n mod 3).
 """
@@ -17,7 +17,7 @@ N_SEQ = len(SEQUENCES)
 CODES = range(1, 2**N_SEQ - 1)
 """Valid availability codes: at least one sequence present and at least one missing."""
 
-# Training "missing" setting: each subject keeps two neighbouring sequences (METHOD.md).
+# Training "missing" setting: each subject keeps two neighbouring sequences (docs/method.md).
 TRAIN_PAIRS: tuple[tuple[int, int], ...] = ((0, 1), (1, 2), (2, 3))
 
 

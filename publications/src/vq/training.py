@@ -1,4 +1,4 @@
-"""The VQ-Seq2Seq training recipe (METHOD.md, "Training step"): one loss for one batch of slice pairs.
+"""The VQ-Seq2Seq training recipe (docs/method.md, "Training step"): one loss for one batch of slice pairs.
 
 All decodings of a step run as one decoder call and all encodings as one
 encoder call: instance norm is per sample, so batching changes nothing but
@@ -21,7 +21,7 @@ from vq.runtime import autocast, return_freed_memory, to_channels_last
 
 @dataclass(frozen=True)
 class Phase:
-    """What is switched on at an epoch (METHOD.md step 3, 4, 6 and the ablation flags)."""
+    """What is switched on at an epoch (docs/method.md step 3, 4, 6 and the ablation flags)."""
 
     contrast: bool
     sampling: bool
@@ -38,7 +38,7 @@ class Phase:
 
 
 def poly_lr(cfg: Config, epoch: int) -> float:
-    """lr = min_lr + (lr0 - min_lr) (1 - epoch/epochs)^power (METHOD.md step 7)."""
+    """lr = min_lr + (lr0 - min_lr) (1 - epoch/epochs)^power (docs/method.md step 7)."""
     t = cfg.train
     frac = min(epoch / max(t.epochs, 1), 1.0)
     return t.min_lr + (t.lr - t.min_lr) * (1 - frac) ** t.lr_power

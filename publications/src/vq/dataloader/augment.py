@@ -1,4 +1,4 @@
-"""Intensity augmentation of the model inputs (METHOD.md, training step 1), batched on the device.
+"""Intensity augmentation of the model inputs (docs/method.md, training step 1), batched on the device.
 
 Images in [-1, 1] are mapped to [0, 1]; each transform is applied to each
 sample with probability p: brightness x(1+u/50), contrast around the mean

@@ -1,18 +1,21 @@
 """BraTS-layout subjects and the preprocessed slice cache.
 
-Layout (METHOD.md, "Data protocol"): `<root>/<ID>/<ID>_{t1,t1ce,t2,flair,seg}.nii.gz`.
+Layout (docs/method.md, "Data protocol"): `<root>/<ID>/<ID>_{t1,t1ce,t2,flair,seg}.nii.gz`.
 
 Training reads one random axial slice at a time. Decompressing a 240x240x155
 `.nii.gz` for each slice would cost ~100x more than the slice, so each
 (subject, sequence) is normalised once and its central `n_slices` axial slices
 are stored as a float16 `.npy` of shape (n_slices, X, Y): a slice is then one
-contiguous read from a memory map. float16 keeps [-1, 1] images to ~5e-4, far
-below what PSNR can see (~70 dB).
+contiguous read from a memory map. float16 keeps [-1, 1] images to within 2.4e-4
+(half a float16 step near 1), far below what PSNR can see (~70 dB); `data.cache_dtype:
+float32` stores the reference's float32 values at twice the disk space.
 
 Each subject folder of the cache has a `manifest.json` recording the source
-files (path, size, mtime, volume shape) and the preprocessing settings. An
-entry whose source or settings changed, whose `.npy` is missing or truncated,
-or whose subject has no manifest is rebuilt, never used. A (re)build removes
+files (path, size, mtime, a content fingerprint, volume shape) and the
+preprocessing settings. An entry whose source or settings changed (a file
+replaced by another of the same size and mtime, as `cp -p` does, changes the
+fingerprint), whose `.npy` is missing or truncated, or whose subject has no
+manifest is rebuilt, never used. A (re)build removes
 the subject's manifest before it writes any `.npy` and writes a new one last,
 so an interrupted build leaves no manifest. Each dataset root and set of
 preprocessing settings has a cache folder of its own: runs with different
@@ -20,6 +23,7 @@ settings never rewrite each other's files.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,6 +36,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+try:
+    import fcntl
+except ImportError:  # not on POSIX
+    fcntl = None
+
 from vq import nifti
 from vq.config import DataConfig
 from vq.dataloader.preprocess import Preprocessing, central_slices, normalize
@@ -41,8 +50,10 @@ from vq.sequences import SEG, SEQUENCES, seq_index
 log = logging.getLogger(__name__)
 
 FILE_KINDS: tuple[str, ...] = SEQUENCES + (SEG,)
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 """Version of the cache layout (file names, manifest fields)."""
+FINGERPRINT_CHUNK = 1 << 16
+"""Bytes read at each of the start, middle and end of a source file for its fingerprint."""
 MANIFEST = "manifest.json"
 
 
@@ -55,6 +66,26 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def fingerprint(path: Path) -> str:
+    """A cheap content fingerprint of a file: SHA-1 of its size and of 64 KiB at its start (the
+    NIfTI header), middle and end (a .nii.gz ends with the gzip trailer, the CRC-32 of all its data)."""
+    size = path.stat().st_size
+    digest = hashlib.sha1(str(size).encode())
+    with path.open("rb") as f:
+        for offset in sorted({0, max(size // 2 - FINGERPRINT_CHUNK // 2, 0), max(size - FINGERPRINT_CHUNK, 0)}):
+            f.seek(offset)
+            digest.update(f.read(FINGERPRINT_CHUNK))
+    return digest.hexdigest()
+
+
+def summarize_bad(bad: Mapping[str, str], of: int, report: Path | None = None, shown: int = 3) -> str:
+    """One line for a set of bad subjects: how many, the first few with their reason, where the rest is."""
+    first = "; ".join(list(bad.values())[:shown])
+    more = f"; and {len(bad) - shown} more" if len(bad) > shown else ""
+    where = f" (all listed in {report})" if report else ""
+    return f"{len(bad)} of {of} subjects unusable{where}: {first}{more}"
 
 
 def _kind(kind: str | int) -> str:
@@ -109,21 +140,22 @@ def load_subject(root: str | Path, name: str, seqs: Iterable[str | int] = SEQUEN
     return np.stack([slices for slices, _ in volumes.values()])
 
 
-def _build(job: tuple[str, dict[str, Path], Path, float, int]) -> tuple[str, dict, str | None]:
+def _build(job: tuple[str, dict[str, Path], Path, float, int, str]) -> tuple[str, dict, str | None]:
     """Build the cache files of one subject (runs in a worker process). -> (name, entries, error)."""
-    name, todo, folder, percentile, n_slices = job
+    name, todo, folder, percentile, n_slices, dtype = job
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)  # before any .npy changes: an interrupted build is never trusted
     entries = {}
     try:
         for seq, src in todo.items():
             stat = src.stat()  # taken before reading: a change during the build shows as stale next time
+            content_id = fingerprint(src)
             slices, volume_shape = _read(src, name, percentile, n_slices)
-            slices = np.ascontiguousarray(np.moveaxis(slices, -1, 0), dtype=np.float16)  # (X, Y, n) -> (n, X, Y)
+            slices = np.ascontiguousarray(np.moveaxis(slices, -1, 0), dtype=dtype)  # (X, Y, n) -> (n, X, Y)
             npy = folder / f"{seq}.npy"
             write_atomic(npy, lambda f: np.save(f, slices))
             entries[seq] = {"source": str(src), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                            "volume_shape": list(volume_shape), "shape": list(slices.shape),
+                            "fingerprint": content_id, "volume_shape": list(volume_shape), "shape": list(slices.shape),
                             "npy_bytes": npy.stat().st_size}
     except BratsDataError as err:
         return name, entries, str(err)
@@ -184,6 +216,8 @@ class SliceCache:
         stat = src.stat()
         if (entry["source"], entry["size"], entry["mtime_ns"]) != (str(src), stat.st_size, stat.st_mtime_ns):
             return f"source {src} changed"
+        if entry["fingerprint"] != fingerprint(src):
+            return f"source {src} replaced (same size and time, other content)"
         npy = self.path(name, seq)
         if not npy.is_file() or npy.stat().st_size != entry["npy_bytes"]:
             return f"{npy.name} missing or truncated"
@@ -193,9 +227,22 @@ class SliceCache:
                skip_bad: bool = False) -> list[str]:
         """Make sure the subjects' slices are cached and current; return the usable subject names.
 
-        `subjects`: names (all four sequences) or {name: sequences}. A subject
-        with a missing, unreadable, empty or NaN file raises BratsDataError
-        naming it, or with `skip_bad` (training) is logged and left out.
+        `subjects`: names (all four sequences) or {name: sequences}. A subject with a missing,
+        unreadable, empty or NaN file raises BratsDataError (one line naming the subjects and
+        files), or with `skip_bad` is logged and left out.
+        """
+        good, bad = self.check(subjects)
+        if bad and not skip_bad:
+            raise BratsDataError(summarize_bad(bad, len(good) + len(bad)))
+        for message in bad.values():
+            log.warning("skipping %s", message)
+        return good
+
+    def check(self, subjects: Iterable[str] | Mapping[str, Iterable[str | int]]) -> tuple[list[str], dict[str, str]]:
+        """Check, and cache where needed, the subjects' files: -> (usable names, {bad name: reason}).
+
+        A subject is bad when its folder or a file is missing, a file is not a readable 3D NIfTI,
+        is all zeros or holds NaN/Inf, or its sequences differ in shape.
         """
         wanted = dict(subjects) if isinstance(subjects, Mapping) else {name: SEQUENCES for name in subjects}
         wanted = {name: [_kind(s) for s in seqs] for name, seqs in wanted.items()}
@@ -217,21 +264,29 @@ class SliceCache:
                 if status[seq] != "not cached":
                     log.info("slice cache: rebuilding %s %s: %s", name, seq, status[seq])
             if todo:
-                jobs.append((name, todo, self.dir / name, self.prep.percentile, self.prep.n_slices))
+                jobs.append((name, todo, self.dir / name, self.prep.percentile, self.prep.n_slices,
+                             self.prep.cache_dtype))
 
         if jobs:
             log.info("slice cache %s: building %d of %d subjects", self.dir, len(jobs), len(wanted))
             self._run(jobs, kept, bad)
+        return [name for name in wanted if name not in bad], {name: bad[name] for name in wanted if name in bad}
 
-        for message in bad.values():
-            if skip_bad:
-                log.warning("skipping %s", message)
-            else:
-                log.error(message)
-        if bad and not skip_bad:
-            more = f" (and {len(bad) - 1} more bad subjects, see the log)" if len(bad) > 1 else ""
-            raise BratsDataError(next(iter(bad.values())) + more)
-        return [name for name in wanted if name not in bad]
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the cache folder's lock (an exclusive flock): the processes of a torchrun job build
+        the cache one after the other, so the first builds it and the others find it ready, with
+        no collective waiting on the build. A no-op where flock is missing."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:
+            yield
+            return
+        with open(self.dir / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _run(self, jobs: list, kept: dict, bad: dict) -> None:
         """Build `jobs` (in worker processes if several), then check shapes and write manifests."""

@@ -1,4 +1,4 @@
-"""Training pairs, the training loader and the validation/test stacks (METHOD.md, "Data protocol").
+"""Training pairs, the training loader and the validation/test stacks (docs/method.md, "Data protocol").
 
 Training items are clean images: the intensity augmentation runs batched on the
 device in the training step (`vq.dataloader.augment`), and the losses need the
@@ -89,13 +89,13 @@ def make_train_loader(cfg: Config, cache: SliceCache, subjects: list[tuple[str, 
                       distributed: bool = False) -> DataLoader:
     """Loader of training pairs; call `loader.sampler.set_epoch(epoch)` before each epoch.
 
-    Ensures the cache of the sequences the subjects contribute and leaves out bad
-    subjects (logged). `distributed`: each rank of the process group gets a
-    disjoint, equally long share of every epoch.
+    Ensures the cache of the sequences the subjects contribute (a bad subject raises
+    BratsDataError; training checks them all first, `vq.dataloader.check`).
+    `distributed`: each rank of the process group gets a disjoint, equally long share
+    of every epoch.
     """
-    needed = {name: train_sequences(code, cfg.data.missing) for name, code in subjects}
-    good = set(cache.ensure(needed, skip_bad=True))
-    dataset = PairDataset(cache, [(n, c) for n, c in subjects if n in good], cfg.data, seed)
+    cache.ensure({name: train_sequences(code, cfg.data.missing) for name, code in subjects})
+    dataset = PairDataset(cache, subjects, cfg.data, seed)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     group = cfg.data.slices_per_subject if cfg.data.group_by_subject else 1
     sampler = EpochSampler(len(dataset), cfg.train.batch_size, seed, rank, world, group)

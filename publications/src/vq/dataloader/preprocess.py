@@ -1,6 +1,6 @@
 """Intensity normalisation, slice range and crop: one definition for training, testing and synthesis.
 
-METHOD.md, "Data protocol": each volume is clipped to [0, 2 x 99th percentile]
+docs/method.md, "Data protocol": each volume is clipped to [0, 2 x 99th percentile]
 and mapped linearly to [-1, 1]; the central 128 axial slices are used; images
 are cropped to 192 x 192. Everything here works on any volume size, so the
 synthesis tool applies the same steps to a user's own scans.
@@ -29,11 +29,12 @@ class Preprocessing:
     percentile: float = 99.0
     n_slices: int = 128
     crop: int = 192
+    cache_dtype: str = "float16"
     version: int = VERSION
 
     @classmethod
     def from_config(cls, data: DataConfig) -> Preprocessing:
-        return cls(percentile=data.percentile, n_slices=data.n_slices, crop=data.crop)
+        return cls(percentile=data.percentile, n_slices=data.n_slices, crop=data.crop, cache_dtype=data.cache_dtype)
 
     @classmethod
     def from_dict(cls, raw: dict) -> Preprocessing:
@@ -48,7 +49,10 @@ class Preprocessing:
 
     def cache_key(self) -> dict:
         """The settings that change cached slices (the crop is applied on reading, so it is not one)."""
-        return {"percentile": float(self.percentile), "n_slices": int(self.n_slices), "version": self.version}
+        key = {"percentile": float(self.percentile), "n_slices": int(self.n_slices), "version": self.version}
+        if self.cache_dtype != "float16":  # float16 caches made before this setting keep their folder
+            key["dtype"] = self.cache_dtype
+        return key
 
 
 def clip_value(volume: np.ndarray, percentile: float = 99.0) -> float:
@@ -114,5 +118,5 @@ def pad_or_crop(image: np.ndarray, size: int | tuple[int, int], start: tuple[int
 
 
 def center_crop_2d(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Centre crop (or -1 pad) the last two axes; the valid/test crop of METHOD.md."""
+    """Centre crop (or -1 pad) the last two axes; the valid/test crop of docs/method.md."""
     return pad_or_crop(image, size)

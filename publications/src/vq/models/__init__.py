@@ -1,4 +1,4 @@
-"""The VQ-Seq2Seq network: encoder, vector quantizer, hyper-conv decoder (METHOD.md, "Model")."""
+"""The VQ-Seq2Seq network: encoder, vector quantizer, hyper-conv decoder (docs/method.md, "Model")."""
 from .hyperconv import HyperConv2d
 from .quantizer import QuantizerOutput, VectorQuantizer
 from .vq_seq2seq import Decoder, Encoded, Encoder, VQSeq2Seq, build_model

@@ -1,4 +1,4 @@
-"""Hyper-convolution: a conv whose kernel is mixed from a learned bank by a code (METHOD.md, "Decoder").
+"""Hyper-convolution: a conv whose kernel is mixed from a learned bank by a code (docs/method.md, "Decoder").
 
 kernel(s) = sum_k a_k(s) W_k with a(s) = Linear(code_dim -> n_kernels)(s), and bias(s) = sum_k c_k(s) b_k,
 where c(s) is the bias's own Linear of the code (the reference code; `bias_mix="shared"` uses a(s)).

@@ -1,4 +1,4 @@
-"""Vector quantizer: nearest codebook vector with a straight-through gradient (METHOD.md, "Quantizer").
+"""Vector quantizer: nearest codebook vector with a straight-through gradient (docs/method.md, "Quantizer").
 
 VQ loss = ||sg[z_q] - z_e||^2 + beta * ||z_q - sg[z_e]||^2 in the "legacy" form the
 reference uses (beta on the codebook term); `legacy=False` moves beta to the
@@ -6,7 +6,7 @@ commitment term, as in the VQ-VAE paper. Both forms have the same value, only
 the gradients differ: legacy pulls the encoder with weight 1 and the codebook
 with weight beta.
 
-Codebook collapse: with METHOD.md's init (uniform in +-1/K, far inside the
+Codebook collapse: with the paper's init (uniform in +-1/K, far inside the
 encoder's outputs) the nearest code of almost every z_e is one of the few
 codebook vectors on the hull of that cloud, and the other codes never move.
 `restart_after=N` (off by default, as in the paper) moves a code that no

@@ -1,4 +1,4 @@
-"""The VQ-Seq2Seq network (METHOD.md, "Model"): encoder E, quantizer, hyper-conv decoder G.
+"""The VQ-Seq2Seq network (docs/method.md, "Model"): encoder E, quantizer, hyper-conv decoder G.
 
 One network serves every source and target: E maps any sequence to a common
 latent at 1/4 resolution, and G decodes it to the sequence picked by a code s
@@ -238,7 +238,7 @@ class VQSeq2Seq(nn.Module):
 
     def random_code(self, batch_size: int, generator: torch.Generator | None = None,
                     uniform_on: str = "reference") -> torch.Tensor:
-        """Random target codes for domain augmentation (METHOD.md, step 4): (B, code_dim).
+        """Random target codes for domain augmentation (docs/method.md, step 4): (B, code_dim).
 
         Each sample gets, with p=0.5, a random one-hot of the N_SEQ sequences, otherwise a
         uniform U(0,1) vector: on all code_dim positions (`uniform_on="reference"`, as the

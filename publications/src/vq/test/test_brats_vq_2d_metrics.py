@@ -1,4 +1,4 @@
-"""Evaluate a trained model on the test list as the paper does (METHOD.md, "Evaluation protocol").
+"""Evaluate a trained model on the test list as the paper does (docs/method.md, "Evaluation protocol").
 
     python publications/src/vq/test/test_brats_vq_2d_metrics.py -d cuda:0 \
         -c publications/config/vq/vqseq2seq_brats_2d_missing_3_256.yaml \

@@ -1,4 +1,4 @@
-"""Semantic latent (METHOD.md, "Claims of the paper beyond Table 1"): one-shot tumour segmentation
+"""Semantic latent (docs/method.md, "Claims of the paper beyond Table 1"): one-shot tumour segmentation
 through the common latent space.
 
     python publications/src/vq/test/test_brats_vq_2d_oneshot_seg.py -d cuda:0 \

@@ -1,4 +1,4 @@
-"""Anti-interference (METHOD.md, "Claims of the paper beyond Table 1"): translate corrupted sources,
+"""Anti-interference (docs/method.md, "Claims of the paper beyond Table 1"): translate corrupted sources,
 score the translations against the CLEAN targets.
 
     python publications/src/vq/test/test_brats_vq_2d_robustness.py -d cuda:0 \

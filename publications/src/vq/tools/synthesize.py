@@ -8,7 +8,7 @@ Any size and orientation: volumes are read in RAS+, normalised as in training
 size, padded to a multiple of 4) and written in the first source's geometry.
 Outputs are in [0, 1] (1 = the source's normalisation clip point).
 With several sources, `<tgt>_fused` decodes the mean of their latent codes.
-With --samples N, N latents drawn around that mean (VQC sampling, METHOD.md
+With --samples N, N latents drawn around that mean (VQC sampling, docs/method.md
 step 3) give `<tgt>_mean` and `<tgt>_std` (sample std over the draws, N >= 2), a per-voxel
 uncertainty map.
 """
@@ -103,7 +103,7 @@ def run(args) -> None:
         if len(latents) > 1:
             write(translator.decode(mean, t), f"{SEQUENCES[t]}_fused")
         if args.samples > 0:
-            spread = ((stacked - mean) ** 2).sum(0)  # sigma of METHOD.md step 3; 0 for a single source
+            spread = ((stacked - mean) ** 2).sum(0)  # sigma of docs/method.md step 3; 0 for a single source
             draws = torch.stack([translator.decode(mean + torch.randn_like(mean) * spread, t)
                                  for _ in range(args.samples)])
             draws = torch.from_numpy(to_intensity(draws.cpu().numpy()))  # each draw on the written [0, 1] scale

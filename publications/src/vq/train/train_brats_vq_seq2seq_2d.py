@@ -14,6 +14,7 @@ import argparse
 import csv
 import io
 import logging
+import os
 import signal
 import sys
 import time
@@ -26,10 +27,11 @@ from tqdm import tqdm
 from vq.checkpoint import CheckpointError, load_model_weights, read_checkpoint, save_checkpoint
 from vq.cli import add_set_arg, run_main
 from vq.config import load_config, resolve_path, save_config
-from vq.dataloader.brats import SliceCache
+from vq.dataloader.brats import BratsDataError, SliceCache
+from vq.dataloader.check import check_lists
 from vq.dataloader.datasets import load_eval_stack, make_train_loader
 from vq.dataloader.lists import read_list
-from vq.distributed import Dist, all_true, barrier, cleanup, init_distributed, replicas_in_sync, sum_across
+from vq.distributed import Dist, all_true, cleanup, init_distributed, replicas_in_sync, sum_across
 from vq.files import write_atomic
 from vq.losses import PerceptualLoss
 from vq.models import build_model
@@ -80,14 +82,44 @@ def train(args) -> int:
         if (run_dir / "ckpt_last.pth").exists() or (run_dir / "config.yaml").exists():
             raise FileExistsError(f"run folder {run_dir} already holds a run; continue it with --resume {run_dir} "
                                   "or choose another folder with --set out_dir=...")
-    ddp, device = init_distributed(device)
+    data = check_data(cfg, run_dir)  # before the process group: no collective waits on a cache build
+    ddp, device = init_distributed(device, cfg.train.dist_timeout_s)
     try:
-        return train_loop(args, cfg, run_dir, ddp, device)
+        return train_loop(args, cfg, run_dir, ddp, device, data)
     finally:
         cleanup(ddp)
 
 
-def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device) -> int:
+def check_data(cfg, run_dir: Path) -> tuple[SliceCache, list, list]:
+    """Check every training and validation subject (and build their slice cache) before the run
+    starts; -> (cache, usable train rows, usable valid rows).
+
+    Bad subjects stop the run with one line (how many, the first few, the report file in the run
+    folder), unless data.skip_bad leaves them out. Under torchrun the processes take turns on the
+    cache's lock: the first builds, the others find the cache ready.
+    """
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    lists = cfg.lists_dir
+    rows = {"train": read_list(lists / "train.csv"), "valid": read_list(lists / "valid.csv")}
+    cache = SliceCache(resolve_path(cfg.data.cache_dir), resolve_path(cfg.data.root), cfg.data)
+    with cache.locked():
+        result = check_lists(cache, rows, cfg.data.missing)
+    if result.bad:
+        report = run_dir / "bad_subjects.csv"
+        if rank0:
+            result.write(report)
+        if not cfg.data.skip_bad:
+            raise BratsDataError(f"{result.summary(report)}; fix them, or train without them with "
+                                 "--set data.skip_bad=true")
+        log.warning("data.skip_bad: training without them: %s", result.summary(report))
+    train_rows, valid_rows = result.used("train"), result.used("valid")
+    if not train_rows or not valid_rows:
+        raise BratsDataError(f"no usable {'training' if not train_rows else 'validation'} subjects "
+                             f"in {lists}; see {run_dir / 'bad_subjects.csv'}")
+    return cache, train_rows, valid_rows
+
+
+def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device, data) -> int:
     main_rank = ddp.is_main
     if not main_rank:
         logging.getLogger().setLevel(logging.WARNING)  # one voice in the console
@@ -96,17 +128,9 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device) -> int
     log.info("run folder %s | device %s (%s) | autocast %s | %d process(es)", run_dir, device,
              torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(), amp, ddp.world_size)
 
-    # --- data: rank 0 builds the cache, the others then find it ready ---
-    root, lists = resolve_path(cfg.data.root), cfg.lists_dir
-    train_rows = read_list(lists / "train.csv")
-    valid_rows = read_list(lists / "valid.csv")
-    cache = SliceCache(resolve_path(cfg.data.cache_dir), root, cfg.data)
-    if main_rank:
-        cache.ensure([n for n, _ in valid_rows])
-        loader = make_train_loader(cfg, cache, train_rows, seed=cfg.seed, distributed=ddp.enabled)
-    barrier(ddp)
-    if not main_rank:
-        loader = make_train_loader(cfg, cache, train_rows, seed=cfg.seed, distributed=ddp.enabled)
+    # --- data: checked and cached by check_data ---
+    cache, train_rows, valid_rows = data
+    loader = make_train_loader(cfg, cache, train_rows, seed=cfg.seed, distributed=ddp.enabled)
     valid_seqs = {name: available(code) for name, code in valid_rows}
     if all(len(seqs) < 2 for seqs in valid_seqs.values()):
         log.warning("no valid subject has two available sequences; validating on all four sequences instead")
@@ -240,7 +264,8 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device) -> int
             else:
                 epoch, in_epoch = epoch + 1, 0
             finished = epoch >= cfg.train.epochs or step >= cfg.train.max_steps
-            if epoch % cfg.train.val_every == 0 or finished:
+            epoch_done = in_epoch == 0
+            if (epoch_done and (epoch % cfg.train.val_every == 0 or finished)) or (finished and cfg.train.val_at_end):
                 total, count = sum_across(ddp, *validate(model, my_valid, device, cfg.test.batch_size, eval_amp,
                                                          identity=cfg.train.val_identity))
                 psnr = total / max(count, 1)
