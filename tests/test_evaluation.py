@@ -104,7 +104,8 @@ def test_script_writes_a_row_per_translation_and_the_summary(evaluated):
     assert multi, "the recoded list must give multi-step rows"
 
     header, rows = read_csv(out / "result_metrics.csv")
-    assert header == METRIC_COLUMNS == ["name", "src", "tgt", "psnr", "ssim", "lpips", "steps", "lpips_mean"]
+    assert header == METRIC_COLUMNS
+    assert header[:8] == ["name", "src", "tgt", "psnr", "ssim", "lpips", "steps", "lpips_mean"]  # the reference's first
     assert keys(rows) == sorted(single + multi)
     header, baseline = read_csv(out / "baseline_metrics.csv")
     assert header == METRIC_COLUMNS and keys(baseline) == sorted(single + multi)  # a baseline for every row
@@ -125,7 +126,26 @@ def test_script_writes_a_row_per_translation_and_the_summary(evaluated):
     assert {steps for (method, steps, *_) in groups if method == "model"} == {"single", "multiple"}
     table = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("|")]
     assert table[0].startswith("| step | method |") and set(table[1]) == set("|-")
-    assert len(table) == 2 + 4  # single and multiple, each model and copy_source
+    assert len(table) == 2 * (2 + 4)  # whole image and brain: single and multiple, each model and copy_source
+    assert "PSNR / SSIM / contrast error / order kept" in table[6]
+
+
+def test_brain_and_contrast_columns_and_figures(evaluated):
+    """On the phantom every row has brain-region scores and the tissue contrast (its tissue maps); the copy
+    of a T1 as a T2 keeps T1's tissue order, which T2 reverses, so its order is never kept."""
+    _, out, cfg, _ = evaluated
+    _, rows = read_csv(out / "result_metrics.csv")
+    _, baseline = read_csv(out / "baseline_metrics.csv")
+    for row in rows + baseline:
+        assert math.isfinite(float(row["psnr_brain"]))
+        assert -1 < float(row["ssim_brain"]) <= 1 and float(row["contrast_error"]) >= 0
+        assert row["tissue_order"] in ("0", "1")
+    t1_as_t2 = [r for r in baseline if (r["src"], r["tgt"]) == ("t1", "t2")]
+    assert t1_as_t2 and all(r["tissue_order"] == "0" for r in t1_as_t2)
+    header, contrast = read_csv(out / "tissue_contrast.csv")
+    assert {r["tissue"] for r in contrast} >= {"csf", "gm"} and {r["reference"] for r in contrast} == {"wm"}
+    figures = sorted(p.stem for p in (out / "figures").glob("*.png"))
+    assert figures == sorted({r["name"] for r in rows})
 
 
 def test_predictions_are_written_in_the_source_geometry(evaluated, phantom_dir):
@@ -250,7 +270,7 @@ def test_summary_means_stds_and_table():
     copy = by_key["copy_source", "single"]
     assert copy["psnr"] == pytest.approx(11.0) and math.isnan(copy["lpips"])
 
-    table = summary_markdown(summary).splitlines()
+    table = [line for line in summary_markdown(summary).splitlines() if line.startswith("|")]
     assert "T1->T2 PSNR / SSIM / LPIPS" in table[0]
     assert table[2] == "| single | model | 22.0 / 0.850 / 9.00 (n=2) |"
     assert table[3] == "| single | copy_source | 11.0 / 0.400 / n/a (n=2) |"
@@ -264,7 +284,9 @@ def test_summary_csv_leaves_missing_lpips_empty(tmp_path):
     header, (entry,) = read_csv(tmp_path / "summary.csv")
     assert header == SUMMARY_COLUMNS
     assert entry["psnr"] == "10" and entry["lpips"] == "" and entry["lpips_std"] == ""
-    assert (tmp_path / "summary.md").read_text().startswith("| step | method |")
+    assert entry["psnr_brain"] == "" and entry["contrast_error"] == ""  # rows without those scores
+    text = (tmp_path / "summary.md").read_text()
+    assert text.startswith("## Whole image\n\n| step | method |") and "| single | copy_source | n/a / n/a" in text
 
 
 # ----------------------------------------------------------------------------- synthesis

@@ -241,3 +241,69 @@ def test_contrastive_gradient_reaches_both_latents():
     loss, _ = consistency_loss(latent_i, latent_j, img, img, contrast=True, max_positions=32)
     loss.backward()
     assert latent_i.grad.abs().sum() > 0 and latent_j.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- brain-region and contrast metrics
+def test_region_psnr_and_ssim_known_values():
+    from vq.metrics import region_psnr, ssim3d_regions
+
+    target = torch.full((8, 16, 16), -1.0)
+    target[:, 4:12, 4:12] = 0.5
+    pred = target.clone()
+    pred[:, 4:12, 4:12] += 0.1  # error 0.1 on the 512 brain voxels only
+    brain = target > -1
+    assert region_psnr(pred, target, brain) == pytest.approx(10 * math.log10(4 / 0.01), rel=1e-5)  # 26.02 dB
+    assert float(psnr(pred, target)) == pytest.approx(10 * math.log10(4 / (0.01 * 512 / 2048)), rel=1e-5)
+    same = ssim3d_regions(target.numpy(), target.numpy(), {"brain": brain.numpy()})
+    assert same["ssim"] == pytest.approx(1.0) and same["ssim_brain"] == pytest.approx(1.0)
+    assert np.isnan(ssim3d_regions(pred.numpy(), target.numpy(), {"none": np.zeros((8, 16, 16), bool)})["ssim_none"])
+
+
+def _labelled_slices():
+    """A (8, 64, 64) stack with three tissues in [-1, 1] (background -1) and its label map:
+    label 3 (reference, 0.6), 2 (0.2), 1 (-0.4), textured."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.zeros(8, 64, 64, dtype=torch.long)
+    labels[:, 8:56, 8:56] = 1
+    labels[:, 16:48, 16:48] = 2
+    labels[:, 24:40, 24:40] = 3
+    level = torch.tensor([-1.0, -0.4, 0.2, 0.6])
+    image = level[labels] + 0.05 * torch.randn(8, 64, 64, generator=gen) * (labels > 0)
+    return image, labels
+
+
+def test_contrast_scores_known_ratios_and_order():
+    from vq.metrics import contrast_scores
+
+    image, labels = _labelled_slices()
+    classes, reference = {"a": 1, "b": 2}, labels == 3
+    scores, ratios = contrast_scores(image, image, labels, classes, reference, "ref")
+    assert scores == {"contrast_error": 0.0, "tissue_order": 1.0}
+    # intensities mapped to [0, 1]: a 0.3, b 0.6, reference 0.8
+    assert ratios["a"][1] == pytest.approx(0.3 / 0.8, abs=0.01) and ratios["b"][1] == pytest.approx(0.6 / 0.8, abs=0.01)
+    swapped = image.clone()
+    swapped[labels == 1], swapped[labels == 2] = image[labels == 2].mean(), image[labels == 1].mean()
+    scores, _ = contrast_scores(swapped, image, labels, classes, reference, "ref")
+    assert scores["tissue_order"] == 0.0 and scores["contrast_error"] == pytest.approx(0.375, abs=0.01)
+
+
+def test_blurred_and_constant_predictions_score_worse_inside_the_brain():
+    """A smooth brain-shaped blur keeps the background exact, which the whole-image numbers reward; the
+    brain-region numbers and the contrast see that the tissues are gone."""
+    from scipy.ndimage import gaussian_filter
+
+    from vq.metrics import contrast_scores, region_psnr, ssim3d_regions
+
+    target, labels = _labelled_slices()
+    brain = target > -1
+    blurred = torch.where(brain, torch.from_numpy(gaussian_filter(target.numpy(), (0, 6, 6))).float(), target)
+    constant = torch.where(brain, target[brain].mean(), target)
+    classes, reference = {"a": 1, "b": 2}, labels == 3
+    truth, _ = contrast_scores(target, target, labels, classes, reference)
+    for pred, least_error in ((blurred, 0.005), (constant, 0.2)):  # a blur keeps a large region's mean, roughly
+        whole = ssim3d_regions(pred.numpy(), target.numpy(), {"brain": brain.numpy()})
+        assert whole["ssim_brain"] < whole["ssim"] < 1.0
+        assert region_psnr(pred, target, brain) < float(psnr(pred, target))
+        scores, _ = contrast_scores(pred, target, labels, classes, reference)
+        assert scores["contrast_error"] > truth["contrast_error"] + least_error
+    assert contrast_scores(constant, target, labels, classes, reference)[0]["tissue_order"] == 0.0

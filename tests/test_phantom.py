@@ -106,3 +106,19 @@ def test_complete_dataset_is_reused(phantom_dir):
     assert json.loads(manifest.read_text())["n"] == 6
     generate_dataset(phantom_dir, n=6, seed=0)
     assert manifest.stat().st_mtime_ns == stamp
+
+
+def test_tissue_map_beside_the_brats_files_matches_the_contrasts(phantom_dir):
+    """<ID>_tissue.nii.gz holds each brain voxel's majority tissue; read through vq.labels it gives the
+    radiological order of the real images: T1 WM > GM > CSF, T2 the reverse, FLAIR CSF darkest."""
+    from vq.labels import TISSUE, TISSUE_LABELS, load_labels
+
+    name = subject_id(0)
+    labels = load_labels(phantom_dir / name / f"{name}_{TISSUE}.nii.gz", allowed=(0, *TISSUE_LABELS.values()))
+    t1, t2, flair = (load_volume(phantom_dir / name / f"{name}_{seq}.nii.gz").data for seq in ("t1", "t2", "flair"))
+    assert ((labels > 0) == (t1 > 0)).mean() > 0.98  # tissue where the brain is
+    mean = lambda image, tissue: image[labels == TISSUE_LABELS[tissue]].mean()
+    assert mean(t1, "wm") > mean(t1, "gm") > mean(t1, "csf")
+    assert mean(t2, "csf") > mean(t2, "gm") > mean(t2, "wm")
+    assert mean(flair, "csf") < mean(flair, "wm")
+    assert (labels == TISSUE_LABELS["enhancing"]).sum() > 100  # subject 0 has a tumour

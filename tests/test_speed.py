@@ -63,7 +63,7 @@ def test_bf16_training_agrees_with_fp32(phantom_dir, tmp_path):
                         "src_idx": torch.full((2,), i), "tgt_idx": torch.full((2,), j)})
     valid = {name: {s: load_eval_stack(cache, name, s, 8) for s in range(N_SEQ)} for name, _ in other}
     cpu = torch.device("cpu")
-    total, count = validate(build_model(cfg.model), valid, cpu, cfg.test.batch_size)
+    total, _, count = validate(build_model(cfg.model), valid, cpu, cfg.test.batch_size)
     untrained = total / count
 
     def at_epoch_0():  # the first phase of the paper's schedule (no contrastive term, sampling, domain aug)

@@ -282,9 +282,9 @@ def test_validation_includes_the_identity_pairs_like_the_reference():
             return x
 
     stacks = {"S": {0: torch.rand(2, 1, 8, 8) * 2 - 1, 2: torch.rand(2, 1, 8, 8) * 2 - 1}}
-    total, count = validate(Copy(), stacks, torch.device("cpu"), 4, identity=True)
+    total, _, count = validate(Copy(), stacks, torch.device("cpu"), 4, identity=True)
     assert count == 4 and total == float("inf")
-    total, count = validate(Copy(), stacks, torch.device("cpu"), 4, identity=False)
+    total, _, count = validate(Copy(), stacks, torch.device("cpu"), 4, identity=False)
     assert count == 2 and total < 30
 
 

@@ -381,7 +381,7 @@ def train_then_validate(cfg: Config, device: torch.device, amp: torch.dtype | No
         for group in optimizer.param_groups:
             group["lr"] = poly_lr(schedule, step)
         train_step(recipe, optimizer, {key: value.to(device) for key, value in batch.items()}, epoch, amp)
-    total, count = validate(model, valid, device, cfg.test.batch_size, amp)
+    total, _, count = validate(model, valid, device, cfg.test.batch_size, amp)
     return total / count
 
 

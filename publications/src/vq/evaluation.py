@@ -20,13 +20,18 @@ import torch
 from torch import nn
 
 from vq.files import write_atomic
-from vq.metrics import LPIPSMetric, lpips_volume, psnr, ssim3d
+from vq.labels import ContrastSpec
+from vq.metrics import LPIPSMetric, contrast_scores, lpips_volume, psnr, region_psnr, ssim3d_regions
 from vq.runtime import autocast
 from vq.sequences import DISPLAY_NAMES, SEQUENCES, available, missing, path_name, seq_index
 
-METRIC_COLUMNS = ["name", "src", "tgt", "psnr", "ssim", "lpips", "steps", "lpips_mean"]
-"""result_metrics.csv: the reference's six columns first, then ours."""
-SUMMARY_COLUMNS = ["method", "steps", "src", "tgt", "n", "psnr", "psnr_std", "ssim", "ssim_std", "lpips", "lpips_std"]
+METRIC_COLUMNS = ["name", "src", "tgt", "psnr", "ssim", "lpips", "steps", "lpips_mean",
+                  "psnr_brain", "ssim_brain", "contrast_error", "tissue_order"]
+"""result_metrics.csv: the reference's six columns first, then ours (brain region and tissue contrast)."""
+SUMMARY_METRICS = ("psnr", "ssim", "lpips", "psnr_brain", "ssim_brain", "contrast_error", "tissue_order")
+SUMMARY_COLUMNS = ["method", "steps", "src", "tgt", "n"] + [c for m in SUMMARY_METRICS for c in (m, f"{m}_std")]
+CONTRAST_COLUMNS = ["name", "src", "tgt", "steps", "method", "tissue", "reference", "predicted", "real"]
+"""tissue_contrast.csv: per row and tissue, the mean intensity relative to the reference region."""
 
 
 class Translator:
@@ -103,14 +108,41 @@ def translations_for(code: int, multi_step: list[list[str]]) -> list[Translation
     return out
 
 
-def score(pred: torch.Tensor, target: torch.Tensor, lpips: LPIPSMetric | None) -> dict[str, float]:
-    """PSNR/SSIM (data range 2) on the whole stack; LPIPS per slice, summed and averaged."""
+@dataclass
+class SubjectLabels:
+    """A subject's label stack (S, H, W) for the contrast metric, and what to compare on it."""
+
+    stack: torch.Tensor
+    spec: ContrastSpec
+
+
+def score(pred: torch.Tensor, target: torch.Tensor, lpips: LPIPSMetric | None,
+          labels: SubjectLabels | None = None) -> dict:
+    """PSNR/SSIM (data range 2) on the whole stack and inside the brain (the real target's
+    non-background voxels); LPIPS per slice, summed and averaged; with `labels`, the tissue
+    contrast (`vq.metrics.contrast_scores`; its per-tissue ratios under "ratios")."""
     pred, target = pred[:, 0], target[:, 0]  # (S,1,H,W) -> (S,H,W): one 3D stack, one value per metric
-    row = {"psnr": float(psnr(pred, target)), "ssim": ssim3d(pred.cpu().numpy(), target.cpu().numpy()),
-           "lpips": math.nan, "lpips_mean": math.nan}
+    brain = target > -1
+    row = {"psnr": float(psnr(pred, target)), "lpips": math.nan, "lpips_mean": math.nan,
+           "psnr_brain": region_psnr(pred, target, brain),
+           **ssim3d_regions(pred.cpu().numpy(), target.cpu().numpy(), {"brain": brain.cpu().numpy()}),
+           "contrast_error": math.nan, "tissue_order": math.nan, "ratios": {}}
     if lpips is not None:
         row["lpips"], row["lpips_mean"] = lpips_volume(lpips, pred, target)
+    if labels is not None:
+        stack = labels.stack.to(target.device)
+        reference = (stack == labels.spec.reference_label) & brain
+        scores, row["ratios"] = contrast_scores(pred, target, stack, labels.spec.classes, reference,
+                                                labels.spec.reference_name)
+        row.update(scores)
     return row
+
+
+def contrast_rows(row: dict, reference: str) -> list[dict]:
+    """The tissue_contrast.csv rows of one result row."""
+    return [{**{k: row[k] for k in ("name", "src", "tgt", "steps", "method")}, "tissue": tissue,
+             "reference": reference, "predicted": predicted, "real": real}
+            for tissue, (predicted, real) in row["ratios"].items()]
 
 
 def write_metrics(rows: list[dict], path: str | Path, columns: list[str] = METRIC_COLUMNS) -> Path:
@@ -135,8 +167,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     for (method, steps, src, tgt), members in sorted(groups.items(), key=lambda kv: (
             kv[0][0] != "model", kv[0][1] != "single", SEQUENCES.index(kv[0][2]), SEQUENCES.index(kv[0][3]))):
         entry = {"method": method, "steps": steps, "src": src, "tgt": tgt, "n": len(members)}
-        for key in ("psnr", "ssim", "lpips"):
-            values = np.array([m[key] for m in members], dtype=float)
+        for key in SUMMARY_METRICS:
+            values = np.array([m.get(key, math.nan) for m in members], dtype=float)
             values = values[~np.isnan(values)]
             entry[key] = float(values.mean()) if values.size else math.nan
             entry[f"{key}_std"] = float(values.std()) if values.size else math.nan
@@ -156,26 +188,39 @@ def write_summary(summary: list[dict], csv_path: str | Path, md_path: str | Path
     write_atomic(md_path, lambda f: f.write(summary_markdown(summary).encode()))
 
 
-def summary_markdown(summary: list[dict]) -> str:
-    """Laid out like the paper's Table 1: a row per (steps, method), a column per translation."""
+def _fmt(value: float, spec: str) -> str:
+    return "n/a" if math.isnan(value) else format(value, spec)
+
+
+def _table(summary: list[dict], cell_text, head_text: str) -> list[str]:
     pairs = sorted({(e["src"], e["tgt"]) for e in summary},
                    key=lambda p: (SEQUENCES.index(p[0]), SEQUENCES.index(p[1])))
     rows = sorted({(e["steps"], e["method"]) for e in summary}, key=lambda r: (r[0] != "single", r[1] != "model"))
     cell = {(e["steps"], e["method"], e["src"], e["tgt"]): e for e in summary}
-    head = ["step", "method"] + [f"{DISPLAY_NAMES[s]}->{DISPLAY_NAMES[t]} PSNR / SSIM / LPIPS" for s, t in pairs]
+    head = ["step", "method"] + [f"{DISPLAY_NAMES[s]}->{DISPLAY_NAMES[t]} {head_text}" for s, t in pairs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for steps, method in rows:
-        values = []
-        for s, t in pairs:
-            e = cell.get((steps, method, s, t))
-            if e is None:
-                values.append("-")
-                continue
-            lp = "n/a" if math.isnan(e["lpips"]) else f"{e['lpips']:.2f}"
-            values.append(f"{e['psnr']:.1f} / {e['ssim']:.3f} / {lp} (n={e['n']})")
+        values = [cell_text(cell[steps, method, s, t]) if (steps, method, s, t) in cell else "-" for s, t in pairs]
         lines.append(f"| {steps} | {method} | " + " | ".join(values) + " |")
-    note = ("\nMeans over test subjects. PSNR and SSIM with data range 2 on the 128x192x192 stack in [-1, 1]; "
-            "LPIPS is the per-volume SUM over slices (AlexNet, v0.1), as in the paper's Table 1; "
-            "`lpips_mean` in result_metrics.csv is the per-slice mean. `copy_source` scores the source "
-            "image itself as the prediction.\n")
-    return "\n".join(lines) + "\n" + note
+    return lines
+
+
+def summary_markdown(summary: list[dict]) -> str:
+    """Two tables: the whole image laid out like the paper's Table 1, then inside the brain with
+    the tissue contrast; a row per (steps, method), a column per translation."""
+    whole = _table(summary, lambda e: f"{e['psnr']:.1f} / {e['ssim']:.3f} / {_fmt(e['lpips'], '.2f')} (n={e['n']})",
+                   "PSNR / SSIM / LPIPS")
+    brain = _table(summary, lambda e: (f"{_fmt(e['psnr_brain'], '.1f')} / {_fmt(e['ssim_brain'], '.3f')} / "
+                                       f"{_fmt(e['contrast_error'], '.3f')} / {_fmt(e['tissue_order'], '.0%')}"),
+                   "PSNR / SSIM / contrast error / order kept")
+    note = ("\nMeans over test subjects. Whole image: PSNR and SSIM with data range 2 on the 128x192x192 stack "
+            "in [-1, 1], as in the paper's Table 1; LPIPS is the per-volume SUM over slices (AlexNet, v0.1); "
+            "`lpips_mean` in result_metrics.csv is the per-slice mean. Most of a stack is background, so the "
+            "whole-image numbers also reward a smooth brain-shaped blur. Brain: PSNR over the real target's "
+            "brain voxels and the SSIM map averaged over them; contrast error: mean absolute difference "
+            "between predicted and real tissue intensities relative to the reference tissue (white matter on "
+            "the phantom, the brain outside the tumour on BraTS; tissue_contrast.csv has each tissue); order "
+            "kept: share of subjects whose tissues sort by intensity as in the real image. `copy_source` "
+            "scores the source image itself as the prediction.\n")
+    return ("## Whole image\n\n" + "\n".join(whole) + "\n\n## Inside the brain\n\n" + "\n".join(brain)
+            + "\n" + note)

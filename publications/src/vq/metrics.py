@@ -6,6 +6,11 @@ All images are in [-1, 1], so the data range is 2.
 - `LPIPSMetric` / `lpips_volume`: LPIPS (AlexNet, v0.1) per slice. The paper's
   table reports the SUM over the 128 slices of a stack (`lpips`), not a mean;
   `lpips_mean` is the per-slice mean.
+- `region_psnr` / `ssim3d_regions`: the same inside a region (the brain: a stack
+  that is three quarters background rewards a smooth brain-shaped mean on the
+  whole image, not inside the brain).
+- `contrast_scores`: the mean intensity of each tissue relative to a reference
+  tissue, in the prediction and in the real image, and how far apart they are.
 """
 from __future__ import annotations
 
@@ -51,6 +56,69 @@ def ssim3d(pred: np.ndarray, target: np.ndarray, data_range: float = DATA_RANGE)
 
     return float(structural_similarity(np.asarray(target, np.float32), np.asarray(pred, np.float32),
                                        data_range=data_range))
+
+
+def region_psnr(pred: Tensor, target: Tensor, mask: Tensor, data_range: float = DATA_RANGE) -> float:
+    """PSNR over the voxels of a boolean `mask` (same shape as the images); NaN for an empty mask."""
+    if not bool(mask.any()):
+        return float("nan")
+    mse = (pred.float() - target.float())[mask].pow(2).mean()
+    return float(10 * torch.log10(data_range ** 2 / mse))
+
+
+def ssim3d_regions(pred: np.ndarray, target: np.ndarray, regions: dict[str, np.ndarray] | None = None,
+                   data_range: float = DATA_RANGE) -> dict[str, float]:
+    """`ssim3d` of a stack and, from the same SSIM map, its mean over each boolean region.
+
+    -> {"ssim": whole-stack value as `ssim3d`, "ssim_<name>": map mean over region <name>} (NaN
+    for an empty region). The whole-stack value averages the map without its 3-voxel border, as
+    scikit-image does; a region's mean uses all of its voxels.
+    """
+    from skimage.metrics import structural_similarity
+
+    whole, ssim_map = structural_similarity(np.asarray(target, np.float32), np.asarray(pred, np.float32),
+                                            data_range=data_range, full=True)
+    out = {"ssim": float(whole)}
+    for name, mask in (regions or {}).items():
+        out[f"ssim_{name}"] = float(ssim_map[mask].mean()) if mask.any() else float("nan")
+    return out
+
+
+MIN_VOXELS = 50
+"""A tissue enters the contrast scores only with at least this many voxels."""
+
+
+def tissue_ratios(image: Tensor, labels: Tensor, classes: dict[str, int], reference: Tensor) -> dict[str, float]:
+    """Mean intensity of each labelled class over the mean of the `reference` mask, both measured on
+    the image mapped from [-1, 1] to [0, 1] (background 0); classes with too few voxels are left out."""
+    values = (image.float() + 1) / 2
+    base = values[reference].mean()
+    return {name: float(values[labels == label].mean() / base) for name, label in classes.items()
+            if int((labels == label).sum()) >= MIN_VOXELS}
+
+
+def contrast_scores(pred: Tensor, target: Tensor, labels: Tensor, classes: dict[str, int], reference: Tensor,
+                    reference_name: str = "reference") -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
+    """How well a prediction keeps the real image's tissue contrast.
+
+    -> ({"contrast_error": mean |predicted ratio - real ratio| over the classes,
+         "tissue_order": 1.0 if the classes and the reference (ratio 1) sorted by ratio come in the
+         same order in both images, else 0.0},
+        {class: (predicted ratio, real ratio)}); ratios from `tissue_ratios`. Without a usable
+    reference or class both scores are NaN.
+    """
+    nan = {"contrast_error": float("nan"), "tissue_order": float("nan")}
+    if int(reference.sum()) < MIN_VOXELS:
+        return nan, {}
+    real = tissue_ratios(target, labels, classes, reference)
+    fake = tissue_ratios(pred, labels, classes, reference)
+    if not real:
+        return nan, {}
+    error = float(np.mean([abs(fake[n] - real[n]) for n in real]))
+    real_order = sorted([*real, reference_name], key=lambda n: real.get(n, 1.0))
+    fake_order = sorted([*real, reference_name], key=lambda n: fake.get(n, 1.0))
+    return {"contrast_error": error, "tissue_order": float(real_order == fake_order)}, \
+        {n: (fake[n], real[n]) for n in real}
 
 
 _lpips_warned = False

@@ -15,7 +15,7 @@ from torch import nn
 from vq.config import Config
 from vq.dataloader.augment import IntensityAugment
 from vq.losses import PerceptualLoss, consistency_loss, ssim_loss
-from vq.metrics import psnr
+from vq.metrics import psnr, region_psnr
 from vq.runtime import autocast, return_freed_memory, to_channels_last
 
 
@@ -176,23 +176,26 @@ def translate(model: nn.Module, stack: torch.Tensor, target: int, batch_size: in
 
 @torch.no_grad()
 def validate(model: nn.Module, stacks: dict[str, dict[int, torch.Tensor]], device: torch.device,
-             batch_size: int, amp: torch.dtype | None = None, identity: bool = True) -> tuple[float, int]:
-    """Sum and count of PSNR (data range 2) over every (available source, available target) pair,
-    source == target included when `identity` (the reference's validation, train.val_identity).
+             batch_size: int, amp: torch.dtype | None = None, identity: bool = True) -> tuple[float, float, int]:
+    """Sums of PSNR (data range 2) on the whole stack and inside the brain (the target's non-background
+    voxels) over every (available source, available target) pair, source == target included when
+    `identity` (the reference's validation, train.val_identity); -> (sum, brain sum, count).
 
     stacks: subject -> {sequence index: (S,1,H,W) centre-cropped central slices}.
     Returns sums so that ranks can add theirs before dividing.
     """
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, total_brain, count = 0.0, 0.0, 0
     for seqs in stacks.values():
         for s, src in seqs.items():
             src = src.to(device)
             for t, tgt in seqs.items():
                 if identity or s != t:
                     pred = translate(model, src, t, batch_size, amp)
-                    total += float(psnr(pred[:, 0], tgt[:, 0].to(device)))  # one value per stack
+                    tgt = tgt.to(device)
+                    total += float(psnr(pred[:, 0], tgt[:, 0]))  # one value per stack
+                    total_brain += region_psnr(pred, tgt, tgt > -1)
                     count += 1
     model.train(was_training)
-    return total, count
+    return total, total_brain, count

@@ -67,11 +67,32 @@ def sample_grid(truth: dict[int, np.ndarray], translations: dict[int, dict[int, 
             axes[r, t].set_title(f"{DISPLAY_NAMES[SEQUENCES[s]]} -> {DISPLAY_NAMES[SEQUENCES[t]]}", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
+    return _rgb(fig)
+
+
+def _rgb(fig) -> np.ndarray:
     fig.tight_layout()
     fig.canvas.draw()
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     plt.close(fig)
     return image
+
+
+def translation_figure(panels: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]], title: str = "") -> np.ndarray:
+    """One column per translation (src, tgt, source, prediction, real target), 2D images in [-1, 1]:
+    the source on top, the prediction in the middle, the real target below, so the prediction sits
+    between what the model saw and what it should have made. -> (H, W, 3) uint8."""
+    fig, axes = plt.subplots(3, len(panels), figsize=(2.0 * len(panels), 6.4), squeeze=False)
+    for c, (src, tgt, source, pred, target) in enumerate(panels):
+        names = DISPLAY_NAMES[SEQUENCES[src]], DISPLAY_NAMES[SEQUENCES[tgt]]
+        titles = (f"{names[0]} (source)", f"{names[0]} -> {names[1]}", f"{names[1]} (real)")
+        for r, (image, text) in enumerate(zip((source, pred, target), titles)):
+            axes[r, c].imshow(image.T[::-1], cmap="gray", vmin=-1, vmax=1)
+            axes[r, c].set_title(text, fontsize=8)
+            axes[r, c].axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _rgb(fig)
 
 
 def save_png(image: np.ndarray, path: str | Path) -> None:

@@ -5,8 +5,9 @@
         -l outputs/ckpt/vqseq2seq/brats/2d/ckpt_best.pth -o outputs/results/vq_seq2seq/brats/2d/
 
 Writes OUT_DIR/result_metrics.csv (model), baseline_metrics.csv (copy the source),
-summary.csv and summary.md (Table-1 layout), and nifti/<ID>/ predictions in the
-source files' own geometry.
+tissue_contrast.csv (per tissue, where a label map exists), summary.csv and summary.md
+(Table-1 layout, then inside the brain), figures/<ID>.png (source, prediction and real
+target of every translation) and nifti/<ID>/ predictions in the source files' own geometry.
 """
 from __future__ import annotations
 
@@ -26,12 +27,14 @@ from vq.dataloader.brats import SliceCache, subject_files
 from vq.dataloader.datasets import load_eval_stack
 from vq.dataloader.lists import read_list
 from vq.dataloader.preprocess import central_slices, pad_or_crop
-from vq.evaluation import Translator, score, summarize, summary_markdown, translations_for, write_metrics, \
-    write_summary
+from vq.evaluation import CONTRAST_COLUMNS, SubjectLabels, Translator, contrast_rows, score, summarize, \
+    summary_markdown, translations_for, write_metrics, write_summary
+from vq.labels import label_stack, load_labels, subject_labels
 from vq.metrics import LPIPSMetric
 from vq.nifti import ras_shape, save_like, to_intensity
 from vq.runtime import amp_dtype, resolve_device
 from vq.sequences import N_SEQ, SEQUENCES
+from vq.viz import save_png, translation_figure
 
 log = logging.getLogger("test")
 
@@ -66,27 +69,52 @@ def run(args) -> None:
     cache.ensure([name for name, _ in subjects])  # test: a bad subject is an error, not a skip
     out.mkdir(parents=True, exist_ok=True)
 
-    rows, baseline = [], []
+    rows, baseline, contrast = [], [], []
     for name, code in tqdm(subjects, desc="subjects", dynamic_ncols=True):
         stacks = {s: load_eval_stack(cache, name, s) for s in range(N_SEQ)}  # (S,1,crop,crop) each
+        labels = eval_labels(root, name, cfg)
         memo = {}  # latents and intermediate stacks shared by this subject's translations
         copy_scores = {}  # (src, tgt) -> the copy baseline's scores, shared by single and multi-step rows
+        panels = []  # (source, prediction, target) centre slices of the single steps, for the figure
         for tr in translations_for(code, cfg.test.multi_step):
             pred = translator.translate(stacks[tr.src], tr.path, memo)
             target = stacks[tr.tgt].to(device)
             names = {"name": name, "src": SEQUENCES[tr.src], "tgt": SEQUENCES[tr.tgt], "steps": tr.steps}
-            rows.append({**names, "method": "model", **score(pred, target, lpips)})
+            rows.append({**names, "method": "model", **score(pred, target, lpips, labels)})
             if (tr.src, tr.tgt) not in copy_scores:
-                copy_scores[tr.src, tr.tgt] = score(stacks[tr.src].to(device), target, lpips)
+                copy_scores[tr.src, tr.tgt] = score(stacks[tr.src].to(device), target, lpips, labels)
             baseline.append({**names, "method": "copy_source", **copy_scores[tr.src, tr.tgt]})
+            if labels is not None:
+                contrast += contrast_rows(rows[-1], labels.spec.reference_name)
+                contrast += contrast_rows(baseline[-1], labels.spec.reference_name)
+            if not tr.multi:
+                mid = len(pred) // 2
+                panels.append((tr.src, tr.tgt, stacks[tr.src][mid, 0].numpy(), pred[mid, 0].cpu().numpy(),
+                               stacks[tr.tgt][mid, 0].numpy()))
             if cfg.test.save_nifti:
                 save_prediction(pred, root, name, tr, cfg, out)
+        if panels:
+            save_png(translation_figure(panels, f"{name}: centre slice, source / prediction / real target"),
+                     out / "figures" / f"{name}.png")
     write_metrics(rows, out / "result_metrics.csv")
     write_metrics(baseline, out / "baseline_metrics.csv")
+    if contrast:
+        write_metrics(contrast, out / "tissue_contrast.csv", CONTRAST_COLUMNS)
     summary = summarize(rows + baseline)
     write_summary(summary, out / "summary.csv", out / "summary.md")
     log.info("wrote %s", out)
     print(summary_markdown(summary))
+
+
+def eval_labels(root: Path, name: str, cfg) -> SubjectLabels | None:
+    """The subject's label stack for the contrast metric (tissue map on the phantom, else the BraTS
+    segmentation), cut like the image stacks; None when the subject has neither."""
+    found = subject_labels(root, name)
+    if found is None:
+        return None
+    path, spec = found
+    labels = load_labels(path, allowed=(0, *spec.classes.values(), spec.reference_label))
+    return SubjectLabels(label_stack(labels, cfg.data.n_slices, cfg.data.n_slices, cfg.data.crop), spec)
 
 
 def save_prediction(pred: torch.Tensor, root: Path, name: str, tr, cfg, out: Path) -> Path:

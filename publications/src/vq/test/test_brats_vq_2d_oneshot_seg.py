@@ -25,7 +25,6 @@ import csv
 import logging
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -37,18 +36,16 @@ from vq.config import load_config, resolve_path
 from vq.dataloader.brats import BratsDataError, SliceCache, subject_files
 from vq.dataloader.datasets import load_eval_stack
 from vq.dataloader.lists import DataListError, read_list
-from vq.dataloader.preprocess import central_slices, pad_or_crop
 from vq.evaluation import Translator
-from vq.nifti import NiftiError
+from vq.labels import BRATS_LABELS, TUMOUR_REGIONS, label_stack, load_labels
 from vq.runtime import amp_dtype, resolve_device
 from vq.sequences import SEG, SEQUENCES, available, seq_index
 
 log = logging.getLogger("oneshot_seg")
 
-LABELS = (0, 1, 2, 4)
+LABELS = (0, *BRATS_LABELS.values())
 """BraTS labels (0 no tumour, 1 necrosis, 2 oedema, 4 enhancing); class index = position here."""
-REGIONS = {"wt": (1, 2, 4), "tc": (1, 4), "et": (4,)}
-"""Whole tumour, tumour core, enhancing tumour."""
+REGIONS = TUMOUR_REGIONS
 FEATURES = ("latent", "intensity")
 
 
@@ -74,32 +71,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     return run_main(run, parse_args(argv), log)
-
-
-# ----------------------------------------------------------------------------- labels
-def load_labels(path: str | Path) -> np.ndarray:
-    """A BraTS segmentation -> (X, Y, Z) uint8 in RAS+, as `vq.nifti.load_volume` orients images.
-
-    Not `load_volume`: a tumour-free segmentation is all zeros, which that rejects.
-    """
-    try:
-        image = nib.as_closest_canonical(nib.load(str(path)))
-        labels = np.squeeze(np.asarray(image.dataobj))
-    except Exception as err:  # nibabel raises several types for unreadable files
-        raise NiftiError(f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})") from None
-    if labels.ndim != 3:
-        raise NiftiError(f"{path}: expected a 3D segmentation, got shape {labels.shape}")
-    unknown = sorted(set(np.unique(labels).tolist()) - set(LABELS))
-    if unknown:
-        raise NiftiError(f"{path}: labels {unknown} are not BraTS labels {LABELS}")
-    return labels.astype(np.uint8)
-
-
-def label_stack(labels: np.ndarray, n_slices: int, n: int, crop: int) -> Tensor:
-    """(X, Y, Z) labels -> (S, crop, crop) int64 labels on the slices and crop of `load_eval_stack`
-    (central `n` of the cache's central `n_slices`, nested as there: the two differ by one for odd n)."""
-    stack = labels.transpose(2, 0, 1)[central_slices(labels.shape[2], n_slices)]  # (Z,X,Y) -> (n_slices,X,Y)
-    return torch.from_numpy(pad_or_crop(stack[central_slices(n_slices, n)], crop, fill=0).astype(np.int64))
 
 
 # ----------------------------------------------------------------------------- features and classifier

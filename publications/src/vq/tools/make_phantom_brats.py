@@ -32,12 +32,14 @@ from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from vq.dataloader.lists import SPLITS, make_lists
+from vq.labels import BRATS_LABELS, TISSUE, TISSUE_LABELS
 from vq.sequences import SEG, SEQUENCES
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
-"""Bump when the generator changes, so that existing datasets are regenerated."""
+VERSION = 2
+"""Bump when the generator changes, so that existing datasets are regenerated (2: tissue maps added;
+the BraTS files of a seed are unchanged)."""
 MANIFEST = "phantom.json"
 SHAPE = (240, 240, 155)
 """BraTS grid: 240 x 240 x 155 voxels of 1 mm, axial slices along the last axis."""
@@ -45,8 +47,7 @@ AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1, 0, 239], [0, 0, 1, 0], [0, 0, 0, 1]]
 """BraTS2021's affine: voxels stored L->R and P->A flipped (LPS), world in RAS mm."""
 NO_TUMOUR_EVERY = 8
 """Subjects with index % 8 == 7 have no tumour (about 1 in 8, as the issue asks)."""
-LABELS = {"necrosis": 1, "oedema": 2, "enhancing": 4}
-"""BraTS labels of the tumour compartments."""
+LABELS = BRATS_LABELS
 
 
 @dataclass(frozen=True)
@@ -298,14 +299,24 @@ def _save(array: np.ndarray, path: Path) -> None:
     nib.save(image, str(path))
 
 
+def tissue_map(subject: dict[str, np.ndarray]) -> np.ndarray:
+    """(X, Y, Z) uint8 label of each voxel's majority tissue (`vq.labels.TISSUE_LABELS`); 0 where no
+    tissue reaches half the voxel (background and mixed partial-volume voxels)."""
+    fractions = np.stack([subject[t] for t in TISSUE_LABELS])  # (6, X, Y, Z)
+    labels = np.array(list(TISSUE_LABELS.values()), np.uint8)[fractions.argmax(0)]
+    return np.where(fractions.max(0) >= 0.5, labels, 0).astype(np.uint8)
+
+
 def write_subject(index: int, seed: int, out_dir: Path) -> str:
-    """Generate one subject and write its five files; returns the subject ID."""
+    """Generate one subject and write its five BraTS files and, beside them, its tissue map;
+    returns the subject ID."""
     subject = make_subject(index, seed)
     name = subject_id(index)
     folder = Path(out_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
     for suffix in (*SEQUENCES, SEG):
         _save(subject[suffix], folder / f"{name}_{suffix}.nii.gz")
+    _save(tissue_map(subject), folder / f"{name}_{TISSUE}.nii.gz")
     return name
 
 
@@ -324,7 +335,8 @@ def is_complete(out_dir: str | Path, n: int, seed: int) -> bool:
     except (OSError, ValueError):
         return False
     files = [out_dir / f"{s}.csv" for s in SPLITS] + [
-        out_dir / name / f"{name}_{suffix}.nii.gz" for name in expected["subjects"] for suffix in (*SEQUENCES, SEG)]
+        out_dir / name / f"{name}_{suffix}.nii.gz" for name in expected["subjects"]
+        for suffix in (*SEQUENCES, SEG, TISSUE)]
     return all(f.is_file() for f in files)
 
 

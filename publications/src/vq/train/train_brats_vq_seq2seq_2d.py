@@ -43,7 +43,7 @@ from vq.weights import MissingWeightsError
 
 log = logging.getLogger("train")
 LOG_COLUMNS = ["step", "epoch", "lr", "loss", "l1", "ssim", "per", "vq", "con", "perplexity", "usage",
-               "slices_per_s", "val_psnr", "skipped"]
+               "slices_per_s", "val_psnr", "val_psnr_brain", "skipped"]
 
 
 def parse_args(argv=None):
@@ -266,16 +266,18 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device, data) 
             finished = epoch >= cfg.train.epochs or step >= cfg.train.max_steps
             epoch_done = in_epoch == 0
             if (epoch_done and (epoch % cfg.train.val_every == 0 or finished)) or (finished and cfg.train.val_at_end):
-                total, count = sum_across(ddp, *validate(model, my_valid, device, cfg.test.batch_size, eval_amp,
-                                                         identity=cfg.train.val_identity))
-                psnr = total / max(count, 1)
-                record({"step": step, "epoch": epoch, "lr": lr, "val_psnr": psnr}, {"valid/psnr": psnr})
-                log.info("epoch %d step %d: valid PSNR %.2f dB over %d pairs", epoch, step, psnr, count)
+                total, brain, count = sum_across(ddp, *validate(model, my_valid, device, cfg.test.batch_size,
+                                                                eval_amp, identity=cfg.train.val_identity))
+                psnr, psnr_brain = total / max(count, 1), brain / max(count, 1)
+                record({"step": step, "epoch": epoch, "lr": lr, "val_psnr": psnr, "val_psnr_brain": psnr_brain},
+                       {"valid/psnr": psnr, "valid/psnr_brain": psnr_brain})
+                log.info("epoch %d step %d: valid PSNR %.2f dB (brain %.2f dB) over %d pairs", epoch, step, psnr,
+                         psnr_brain, count)
                 if psnr > best:
                     best = psnr
                     checkpoint("ckpt_best.pth")
                 if main_rank:
-                    grid = sample_grid_for(model, valid, device, eval_amp, f"epoch {epoch}, step {step}")
+                    grid = sample_grid_for(model, valid, cache, device, eval_amp, f"epoch {epoch}, step {step}")
                     save_png(grid, run_dir / "samples" / f"epoch_{epoch:04d}.png")
                     writer.add_image("valid/samples", grid, step, dataformats="HWC")
             checkpoint("ckpt_last.pth", finished=finished)
@@ -317,15 +319,18 @@ def drop_rows_after(log_path: Path, step: int) -> None:
 
 
 @torch.no_grad()
-def sample_grid_for(model, valid, device, amp, title):
-    """Centre slice of the first valid subject: truth and translations from every available source."""
+def sample_grid_for(model, valid, cache, device, amp, title):
+    """Centre slice of the first valid subject: the real images of all four sequences (valid
+    subjects are checked for all four, whatever their availability code) and the translations
+    of every available source to all four."""
     name, seqs = next(iter(valid.items()))
-    mid = next(iter(seqs.values())).shape[0] // 2
-    truth = {s: stack[mid, 0].numpy() for s, stack in seqs.items()}
+    n = next(iter(seqs.values())).shape[0]
+    mid = n // 2
+    truth = {s: load_eval_stack(cache, name, s, n)[mid, 0].numpy() for s in range(N_SEQ)}
     translations = {}
     for s, stack in seqs.items():
         src = stack[mid:mid + 1].to(device)
-        translations[s] = {t: translate(model, src, t, 1, amp)[0, 0].cpu().numpy() for t in range(4)}
+        translations[s] = {t: translate(model, src, t, 1, amp)[0, 0].cpu().numpy() for t in range(N_SEQ)}
     return sample_grid(truth, translations, f"{name}: {title}")
 
 
