@@ -19,7 +19,7 @@ from vq.dataloader.brats import SliceCache
 from vq.dataloader.datasets import load_eval_stack
 from vq.dataloader.lists import read_list, write_list
 from vq.dataloader.preprocess import normalize
-from vq.evaluation import METRIC_COLUMNS, SUMMARY_COLUMNS, Translation, Translator, summarize, \
+from vq.evaluation import METRIC_COLUMNS, SUMMARY_COLUMNS, Translation, Translator, score, summarize, \
     summary_markdown, translations_for, write_summary
 from vq.models import build_model
 from vq.nifti import to_intensity
@@ -362,3 +362,21 @@ def test_a_shared_memo_computes_shared_prefixes_once(trained_run, monkeypatch):
         assert torch.equal(a, b)
     # encodings: the source, its T1Gd, its T2 (not 1 + 1 + 1 + 2 + 3); decodings: 3 + 1 + 1 (not 9)
     assert calls == {"encode": 3, "decode": 5}
+
+
+def test_tumour_and_nontumour_scores_see_where_the_error_is():
+    """An error of 0.1 inside the segmentation only: the tumour PSNR is 10 log10(4 / 0.01), the rest of
+    the brain is exact (infinite PSNR, SSIM 1); the whole-brain PSNR lies between."""
+    from vq.evaluation import SubjectLabels
+
+    target = torch.full((8, 1, 24, 24), -1.0)
+    target[:, :, 4:20, 4:20] = 0.2
+    tumour = torch.zeros(8, 24, 24, dtype=torch.bool)
+    tumour[:, 8:12, 8:12] = True
+    pred = target.clone()
+    pred[:, 0][tumour] += 0.1
+    row = score(pred, target, None, SubjectLabels(None, None, tumour))
+    assert row["psnr_tumour"] == pytest.approx(10 * math.log10(4 / 0.01), rel=1e-5)
+    assert row["psnr_nontumour"] == float("inf") and row["ssim_nontumour"] < 1.0  # the SSIM window sees the edge
+    assert row["psnr_tumour"] < row["psnr_brain"] < row["psnr_nontumour"]
+    assert "psnr_tumour" not in score(pred, target, None)  # no segmentation: empty cells in the CSV

@@ -26,9 +26,12 @@ from vq.runtime import autocast
 from vq.sequences import DISPLAY_NAMES, SEQUENCES, available, missing, path_name, seq_index
 
 METRIC_COLUMNS = ["name", "src", "tgt", "psnr", "ssim", "lpips", "steps", "lpips_mean",
-                  "psnr_brain", "ssim_brain", "contrast_error", "tissue_order"]
-"""result_metrics.csv: the reference's six columns first, then ours (brain region and tissue contrast)."""
-SUMMARY_METRICS = ("psnr", "ssim", "lpips", "psnr_brain", "ssim_brain", "contrast_error", "tissue_order")
+                  "psnr_brain", "ssim_brain", "contrast_error", "tissue_order",
+                  "psnr_tumour", "ssim_tumour", "psnr_nontumour", "ssim_nontumour"]
+"""result_metrics.csv: the reference's six columns first, then ours (brain region, tissue contrast, and
+inside / outside the tumour where a segmentation exists)."""
+SUMMARY_METRICS = ("psnr", "ssim", "lpips", "psnr_brain", "ssim_brain", "contrast_error", "tissue_order",
+                   "psnr_tumour", "ssim_tumour", "psnr_nontumour", "ssim_nontumour")
 SUMMARY_COLUMNS = ["method", "steps", "src", "tgt", "n"] + [c for m in SUMMARY_METRICS for c in (m, f"{m}_std")]
 CONTRAST_COLUMNS = ["name", "src", "tgt", "steps", "method", "tissue", "reference", "predicted", "real"]
 """tissue_contrast.csv: per row and tissue, the mean intensity relative to the reference region."""
@@ -112,24 +115,32 @@ def translations_for(code: int, multi_step: list[list[str]]) -> list[Translation
 class SubjectLabels:
     """A subject's label stack (S, H, W) for the contrast metric, and what to compare on it."""
 
-    stack: torch.Tensor
-    spec: ContrastSpec
+    stack: torch.Tensor | None
+    spec: ContrastSpec | None
+    tumour: torch.Tensor | None = None
+    """(S, H, W) bool, the BraTS segmentation > 0, for the tumour / non-tumour scores."""
 
 
 def score(pred: torch.Tensor, target: torch.Tensor, lpips: LPIPSMetric | None,
           labels: SubjectLabels | None = None) -> dict:
     """PSNR/SSIM (data range 2) on the whole stack and inside the brain (the real target's
-    non-background voxels); LPIPS per slice, summed and averaged; with `labels`, the tissue
-    contrast (`vq.metrics.contrast_scores`; its per-tissue ratios under "ratios")."""
+    non-background voxels), and with a segmentation inside the tumour (seg > 0) and in the brain
+    outside it; LPIPS per slice, summed and averaged; with a label map, the tissue contrast
+    (`vq.metrics.contrast_scores`; its per-tissue ratios under "ratios")."""
     pred, target = pred[:, 0], target[:, 0]  # (S,1,H,W) -> (S,H,W): one 3D stack, one value per metric
     brain = target > -1
+    regions = {"brain": brain}
+    if labels is not None and labels.tumour is not None:
+        tumour = labels.tumour.to(target.device)
+        regions.update(tumour=tumour, nontumour=brain & ~tumour)
     row = {"psnr": float(psnr(pred, target)), "lpips": math.nan, "lpips_mean": math.nan,
-           "psnr_brain": region_psnr(pred, target, brain),
-           **ssim3d_regions(pred.cpu().numpy(), target.cpu().numpy(), {"brain": brain.cpu().numpy()}),
+           **{f"psnr_{name}": region_psnr(pred, target, mask) for name, mask in regions.items()},
+           **ssim3d_regions(pred.cpu().numpy(), target.cpu().numpy(),
+                            {name: mask.cpu().numpy() for name, mask in regions.items()}),
            "contrast_error": math.nan, "tissue_order": math.nan, "ratios": {}}
     if lpips is not None:
         row["lpips"], row["lpips_mean"] = lpips_volume(lpips, pred, target)
-    if labels is not None:
+    if labels is not None and labels.stack is not None:
         stack = labels.stack.to(target.device)
         reference = (stack == labels.spec.reference_label) & brain
         scores, row["ratios"] = contrast_scores(pred, target, stack, labels.spec.classes, reference,
@@ -222,5 +233,11 @@ def summary_markdown(summary: list[dict]) -> str:
             "the phantom, the brain outside the tumour on BraTS; tissue_contrast.csv has each tissue); order "
             "kept: share of subjects whose tissues sort by intensity as in the real image. `copy_source` "
             "scores the source image itself as the prediction.\n")
-    return ("## Whole image\n\n" + "\n".join(whole) + "\n\n## Inside the brain\n\n" + "\n".join(brain)
-            + "\n" + note)
+    text = "## Whole image\n\n" + "\n".join(whole) + "\n\n## Inside the brain\n\n" + "\n".join(brain) + "\n"
+    if any(math.isfinite(e.get("psnr_tumour", math.nan)) for e in summary):
+        tumour = _table(summary, lambda e: (f"{_fmt(e['psnr_tumour'], '.1f')} / {_fmt(e['ssim_tumour'], '.3f')} | "
+                                            f"{_fmt(e['psnr_nontumour'], '.1f')} / {_fmt(e['ssim_nontumour'], '.3f')}"),
+                        "tumour PSNR / SSIM | rest of the brain")
+        text += ("\n## Inside and outside the tumour\n\n" + "\n".join(tumour) + "\n\nTumour: the segmentation's "
+                 "voxels (label > 0) in the evaluated crop; rest of the brain: the other brain voxels.\n")
+    return text + note

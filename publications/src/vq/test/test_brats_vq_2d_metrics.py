@@ -33,7 +33,7 @@ from vq.labels import label_stack, load_labels, subject_labels
 from vq.metrics import LPIPSMetric
 from vq.nifti import ras_shape, save_like, to_intensity
 from vq.runtime import amp_dtype, resolve_device
-from vq.sequences import N_SEQ, SEQUENCES
+from vq.sequences import N_SEQ, SEG, SEQUENCES
 from vq.viz import save_png, translation_figure
 
 log = logging.getLogger("test")
@@ -107,14 +107,18 @@ def run(args) -> None:
 
 
 def eval_labels(root: Path, name: str, cfg) -> SubjectLabels | None:
-    """The subject's label stack for the contrast metric (tissue map on the phantom, else the BraTS
-    segmentation), cut like the image stacks; None when the subject has neither."""
+    """The subject's label stacks, cut like the image stacks: the contrast metric's map (the tissue map
+    on the phantom, else the BraTS segmentation) and the tumour mask (segmentation > 0); None when the
+    subject has neither (test subjects need no segmentation)."""
+    cut = lambda labels: label_stack(labels, cfg.data.n_slices, cfg.data.n_slices, cfg.data.crop)
+    seg_path = root / name / f"{name}_{SEG}.nii.gz"
+    seg = cut(load_labels(seg_path)) if seg_path.is_file() else None
     found = subject_labels(root, name)
     if found is None:
         return None
     path, spec = found
-    labels = load_labels(path, allowed=(0, *spec.classes.values(), spec.reference_label))
-    return SubjectLabels(label_stack(labels, cfg.data.n_slices, cfg.data.n_slices, cfg.data.crop), spec)
+    stack = seg if path == seg_path else cut(load_labels(path, allowed=(0, *spec.classes.values(), spec.reference_label)))
+    return SubjectLabels(stack, spec, None if seg is None else seg > 0)
 
 
 def save_prediction(pred: torch.Tensor, root: Path, name: str, tr, cfg, out: Path) -> Path:
