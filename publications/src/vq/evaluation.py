@@ -17,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from vq.files import write_atomic
+from vq.inference import Translator  # noqa: F401 (re-exported: the evaluation's translator)
 from vq.labels import ContrastSpec
 from vq.metrics import LPIPSMetric, contrast_scores, lpips_volume, psnr, region_psnr, ssim3d_regions
-from vq.runtime import autocast
 from vq.sequences import DISPLAY_NAMES, SEQUENCES, available, missing, path_name, seq_index
 
 METRIC_COLUMNS = ["name", "src", "tgt", "psnr", "ssim", "lpips", "steps", "lpips_mean",
@@ -35,51 +34,6 @@ SUMMARY_METRICS = ("psnr", "ssim", "lpips", "psnr_brain", "ssim_brain", "contras
 SUMMARY_COLUMNS = ["method", "steps", "src", "tgt", "n"] + [c for m in SUMMARY_METRICS for c in (m, f"{m}_std")]
 CONTRAST_COLUMNS = ["name", "src", "tgt", "steps", "method", "tissue", "reference", "predicted", "real"]
 """tissue_contrast.csv: per row and tissue, the mean intensity relative to the reference region."""
-
-
-class Translator:
-    """Batched inference over stacks of slices (S,1,H,W) in [-1,1], on one device."""
-
-    def __init__(self, model: nn.Module, device: torch.device, amp: torch.dtype | None, batch_size: int):
-        self.model, self.device, self.amp, self.batch_size = model.eval(), device, amp, batch_size
-
-    @torch.no_grad()
-    def encode(self, stack: torch.Tensor) -> torch.Tensor:
-        """(S,1,H,W) -> latent (S,D,H/4,W/4), fp32, on the device."""
-        out = []
-        for chunk in stack.split(self.batch_size):
-            with autocast(self.device, self.amp):
-                out.append(self.model.encode(chunk.to(self.device)).latent.float())
-        return torch.cat(out)
-
-    @torch.no_grad()
-    def decode(self, latent: torch.Tensor, target) -> torch.Tensor:
-        """latent (S,D,h,w) -> (S,1,H,W) fp32; target: a sequence index or a (code_dim,) code vector."""
-        out = []
-        for chunk in latent.split(self.batch_size):
-            code = target if isinstance(target, int) else target.expand(chunk.shape[0], -1)
-            with autocast(self.device, self.amp):
-                out.append(self.model.decode(chunk, code).float())
-        return torch.cat(out)
-
-    def translate(self, stack: torch.Tensor, path: list[int], memo: dict | None = None) -> torch.Tensor:
-        """Translate along a path of sequence indices: [s, t] single step, [s, m, ..., t] multi-step.
-
-        `memo`: a dict shared by the translations of one subject, so that the latent of
-        each stack and the stacks along shared path prefixes are computed once (the
-        source is encoded once for all its targets; T1 -> T1Gd -> T2 reuses T1 -> T1Gd).
-        """
-        memo = {} if memo is None else memo
-        current = stack
-        for k in range(1, len(path)):
-            step = tuple(path[:k + 1])
-            if step not in memo:
-                source = ("latent", *path[:k])
-                if source not in memo:
-                    memo[source] = self.encode(current)
-                memo[step] = self.decode(memo[source], path[k])
-            current = memo[step]
-        return current
 
 
 @dataclass

@@ -36,5 +36,11 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     return paths
 
 
+def cli() -> int:
+    """The `vq-make-lists` command: main() returns the list paths, a command its exit code."""
+    main()
+    return 0
+
+
 if __name__ == "__main__":
     main()

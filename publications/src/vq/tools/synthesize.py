@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vq.cli import add_model_args, load_trained_model, run_main
 from vq.config import load_config
 from vq.dataloader.preprocess import normalize
-from vq.evaluation import Translator
+from vq.inference import Translator, from_slices, to_slices
 from vq.nifti import NiftiError, load_volume, save_like, to_intensity
 from vq.runtime import amp_dtype, resolve_device
 from vq.sequences import SEQUENCES, seq_index
@@ -55,19 +54,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     return run_main(run, parse_args(argv), log)
-
-
-def to_slices(volume: np.ndarray, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """(X, Y, Z) in [-1,1] -> (Z, 1, X', Y') padded with background to a multiple of `multiple`."""
-    stack = torch.from_numpy(volume).permute(2, 0, 1)[:, None]  # (Z, 1, X, Y)
-    x, y = stack.shape[-2:]
-    pad_x, pad_y = -x % multiple, -y % multiple
-    return F.pad(stack, (0, pad_y, 0, pad_x), value=-1.0), (x, y)
-
-
-def from_slices(stack: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """(Z, 1, X', Y') -> (X, Y, Z) numpy, padding removed."""
-    return stack[:, 0, : size[0], : size[1]].permute(1, 2, 0).cpu().numpy()
 
 
 def run(args) -> None:

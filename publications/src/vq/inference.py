@@ -1,0 +1,102 @@
+"""Inference: one home for turning slices or volumes of one sequence into another.
+
+`Translator` runs the model in batches on one device (evaluation, validation figures, the
+claim scripts, synthesis and BraSyn completion all use it). `synthesize` is the public
+entry for whole volumes: any number of available sequences in, the fused latent (the mean
+of the sources' quantized latents) decoded to each target.
+
+    from vq.cli import load_trained_model
+    from vq.config import load_config
+    from vq.inference import Translator, synthesize
+    cfg = load_config("publications/config/vq/demo_phantom_cpu.yaml")
+    model = load_trained_model(cfg, "outputs/ckpt/demo/phantom/2d/ckpt_best.pth", "cpu")
+    out = synthesize(Translator(model, "cpu", None, 16), {"t1": t1_array, "t2": t2_array}, ["flair"])
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vq.dataloader.preprocess import normalize
+from vq.runtime import autocast
+from vq.sequences import seq_index
+
+
+class Translator:
+    """Batched inference over stacks of slices (S,1,H,W) in [-1,1], on one device."""
+
+    def __init__(self, model: nn.Module, device: torch.device | str, amp: torch.dtype | None, batch_size: int):
+        self.model, self.device, self.amp, self.batch_size = model.eval(), torch.device(device), amp, batch_size
+
+    @torch.no_grad()
+    def encode(self, stack: torch.Tensor) -> torch.Tensor:
+        """(S,1,H,W) -> latent (S,D,H/4,W/4), fp32, on the device."""
+        out = []
+        for chunk in stack.split(self.batch_size):
+            with autocast(self.device, self.amp):
+                out.append(self.model.encode(chunk.to(self.device)).latent.float())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor, target) -> torch.Tensor:
+        """latent (S,D,h,w) -> (S,1,H,W) fp32; target: a sequence index or a (code_dim,) code vector."""
+        out = []
+        for chunk in latent.split(self.batch_size):
+            code = target if isinstance(target, int) else target.expand(chunk.shape[0], -1)
+            with autocast(self.device, self.amp):
+                out.append(self.model.decode(chunk, code).float())
+        return torch.cat(out)
+
+    def translate(self, stack: torch.Tensor, path: list[int], memo: dict | None = None) -> torch.Tensor:
+        """Translate along a path of sequence indices: [s, t] single step, [s, m, ..., t] multi-step.
+
+        `memo`: a dict shared by the translations of one subject, so that the latent of
+        each stack and the stacks along shared path prefixes are computed once (the
+        source is encoded once for all its targets; T1 -> T1Gd -> T2 reuses T1 -> T1Gd).
+        """
+        memo = {} if memo is None else memo
+        current = stack
+        for k in range(1, len(path)):
+            step = tuple(path[:k + 1])
+            if step not in memo:
+                source = ("latent", *path[:k])
+                if source not in memo:
+                    memo[source] = self.encode(current)
+                memo[step] = self.decode(memo[source], path[k])
+            current = memo[step]
+        return current
+
+
+def to_slices(volume: np.ndarray, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(X, Y, Z) in [-1,1] -> (Z, 1, X', Y') axial slices padded with background to a multiple of
+    `multiple` (the model's downsampling), and the original (X, Y)."""
+    stack = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).permute(2, 0, 1)[:, None]
+    x, y = stack.shape[-2:]
+    pad_x, pad_y = -x % multiple, -y % multiple
+    return F.pad(stack, (0, pad_y, 0, pad_x), value=-1.0), (x, y)
+
+
+def from_slices(stack: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(Z, 1, X', Y') -> (X, Y, Z) numpy, padding removed."""
+    return stack[:, 0, : size[0], : size[1]].permute(1, 2, 0).cpu().numpy()
+
+
+def synthesize(translator: Translator, volumes: dict, targets, percentile: float = 99.0,
+               normalized: bool = False) -> dict[int, np.ndarray]:
+    """Missing sequences of one subject from its available ones, all on one grid.
+
+    volumes: {sequence name or index: (X, Y, Z) array} (raw intensities, or already in [-1, 1]
+    with `normalized`); targets: sequence names or indices. Each source is encoded slice by
+    slice; the mean of their latents (the fused latent) is decoded to each target.
+    -> {target index: (X, Y, Z) float32 in [-1, 1]}.
+    """
+    multiple = 2 ** translator.model.cfg.n_down
+    latents, size = [], None
+    for volume in volumes.values():
+        data = volume if normalized else normalize(volume, percentile)
+        stack, size = to_slices(data, multiple)
+        latents.append(translator.encode(stack))  # (Z, D, X'/4, Y'/4)
+    fused = torch.stack(latents).mean(0)
+    return {seq_index(t): from_slices(translator.decode(fused, seq_index(t)), size) for t in targets}
