@@ -380,3 +380,9 @@ def test_tumour_and_nontumour_scores_see_where_the_error_is():
     assert row["psnr_nontumour"] == float("inf") and row["ssim_nontumour"] < 1.0  # the SSIM window sees the edge
     assert row["psnr_tumour"] < row["psnr_brain"] < row["psnr_nontumour"]
     assert "psnr_tumour" not in score(pred, target, None)  # no segmentation: empty cells in the CSV
+    text = summary_markdown(summarize([{**row, "name": "A", "src": "t1", "tgt": "t2", "steps": "0>2",
+                                        "method": "model"}]))
+    tumour_table = [line for line in text.split("## Inside and outside the tumour")[1].splitlines()
+                    if line.startswith("|")]
+    assert [line.count("|") for line in tumour_table] == [4, 4, 4]  # one cell per translation, a proper table
+    assert "26.0 / " in tumour_table[2] and "inf / 1.000" not in tumour_table[2]

@@ -189,9 +189,9 @@ def summary_markdown(summary: list[dict]) -> str:
             "scores the source image itself as the prediction.\n")
     text = "## Whole image\n\n" + "\n".join(whole) + "\n\n## Inside the brain\n\n" + "\n".join(brain) + "\n"
     if any(math.isfinite(e.get("psnr_tumour", math.nan)) for e in summary):
-        tumour = _table(summary, lambda e: (f"{_fmt(e['psnr_tumour'], '.1f')} / {_fmt(e['ssim_tumour'], '.3f')} | "
+        tumour = _table(summary, lambda e: (f"{_fmt(e['psnr_tumour'], '.1f')} / {_fmt(e['ssim_tumour'], '.3f')}, "
                                             f"{_fmt(e['psnr_nontumour'], '.1f')} / {_fmt(e['ssim_nontumour'], '.3f')}"),
-                        "tumour PSNR / SSIM | rest of the brain")
+                        "tumour PSNR / SSIM, rest of the brain PSNR / SSIM")
         text += ("\n## Inside and outside the tumour\n\n" + "\n".join(tumour) + "\n\nTumour: the segmentation's "
                  "voxels (label > 0) in the evaluated crop; rest of the brain: the other brain voxels.\n")
     return text + note
