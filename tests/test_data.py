@@ -305,6 +305,7 @@ def test_an_epoch_draws_four_pairs_per_subject_in_a_row(tmp_path, brats):
     cache = make_cache(tmp_path, brats, cfg.data)
     loader = make_train_loader(cfg, cache, list(CODES.items()), seed=0)
     assert loader.sampler.batches_per_epoch == 4 * len(CODES)
+    seen_flips = set()
     for epoch in (0, 1):
         loader.sampler.set_epoch(epoch)
         items = [loader.dataset[k] for k in loader.sampler]
@@ -313,14 +314,16 @@ def test_an_epoch_draws_four_pairs_per_subject_in_a_row(tmp_path, brats):
         for run in runs:
             assert len({item["name"] for item in run}) == 1
             flips = set()
-            for item in run:  # the same slice and crop read unflipped or mirrored
-                seq = item["src_idx"]
-                volume = np.asarray(cache.volume(item["name"], seq), np.float32)
+            for item in run:  # each item is a crop of the cache, read as it is or mirrored
+                volume = np.asarray(cache.volume(item["name"], item["src_idx"]), np.float32)
                 image = item["src"][0].numpy()
-                flipped = any(np.array_equal(image[::-1], volume[z, x:x + 32, y:y + 32])
-                              for z in range(8) for x in range(9) for y in range(17))
-                flips.add(flipped)
+                crops = [volume[z, x:x + 32, y:y + 32] for z in range(8) for x in range(9) for y in range(17)]
+                mirrored = any(np.array_equal(image[::-1], crop) for crop in crops)
+                assert mirrored or any(np.array_equal(image, crop) for crop in crops)
+                flips.add(mirrored)
             assert len(flips) == 1  # one flip per loaded subject
+            seen_flips.add(flips.pop())
+    assert seen_flips == {True, False}  # and the flip is drawn: some subjects mirrored, some not
 
 
 @pytest.mark.parametrize("offsets, last", [("reference", 47), ("full", 48)])

@@ -195,6 +195,19 @@ def test_contrastive_values_on_identical_vectors(batch):
     assert text["contrast"].item() == pytest.approx(math.log(15), rel=1e-5)
 
 
+def test_density_is_lowest_for_the_odd_vector_out():
+    """Two equal unit vectors and one orthogonal to them: the odd one is least dense. (Summing a row of
+    a row-normalised softmax, the classic slip, would give every position the same density, 1.)"""
+    from vq.losses import _density
+
+    vectors = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    density = _density(vectors)
+    assert density[2] < density[0] == density[1]
+    e = math.e
+    # column j of softmax(S) over the anchors: exp(s_ij) / sum_k exp(s_kj); row sums written out
+    assert density[2].item() == pytest.approx(2 / (2 * e + 1) + e / (2 + e), rel=1e-6)
+
+
 def test_reference_contrast_ranks_the_source_latent_over_all_positions():
     """Only the source latent's density picks positions, background included: a target latent that
     differs at background positions changes the reference's value (those positions can be chosen),
