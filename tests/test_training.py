@@ -304,3 +304,26 @@ def test_evaluation_runs_in_fp32_unless_asked(trained_run, tmp_path, monkeypatch
     assert evaluate_main([*args, "-o", str(tmp_path / "fp32")]) == 0
     assert evaluate_main([*args, "test.amp=bf16", "-o", str(tmp_path / "bf16")]) == 0
     assert seen == [None, torch.bfloat16]
+
+
+def test_the_training_loop_skips_a_degenerate_step(phantom_dir, tmp_path, monkeypatch):
+    """A degenerate batch draws no optimizer step and does not count as one (the reference's `continue`
+    before its step counter), but it is consumed: the epoch moves on."""
+    from vq import training
+
+    drawn = []
+    real = training.Recipe.inputs
+
+    def second_is_degenerate(self, src, tgt):
+        in_src, in_tgt, ok = real(self, src, tgt)
+        drawn.append(1)
+        return in_src, in_tgt, ok & (len(drawn) != 2)
+
+    monkeypatch.setattr(training.Recipe, "inputs", second_is_degenerate)
+    run = tmp_path / "run"
+    assert train_main(["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set",
+                       *tiny_overrides(phantom_dir, tmp_path), "train.max_steps=3"]) == 0
+    state = torch.load(run / "ckpt_last.pth", weights_only=True)
+    assert len(drawn) == 4 and state["step"] == 3  # 4 batches drawn for 3 steps
+    assert (state["epoch"], state["in_epoch"]) == (1, 1)  # 3 batches per epoch: the 4th opens epoch 1
+    assert read_log(run)[3]["skipped"] == "1"
