@@ -28,6 +28,7 @@ import numpy as np
 
 from vq.files import write_atomic
 from vq.inference import Translator, synthesize
+from vq.labels import load_labels
 from vq.nifti import NiftiError, load_volume, save_like, to_intensity
 from vq.sequences import SEQUENCES
 
@@ -224,18 +225,11 @@ def evaluate_folder(completed: str | Path, truth: str | Path, dropped: str | Pat
         if synthesised is None:
             raise BrasynError(f"{case}: no synthesised {name} in {completed}")
         real = load_volume(files[suffix]).data
-        labels = np.asarray(load_volume_allow_empty(seg))
+        labels = load_labels(seg, allowed=None)  # all zeros allowed: a case may have no tumour
         for method, path in (("model", synthesised), ("copy_" + COPY_FROM[suffix], files[COPY_FROM[suffix]])):
             rows.append({"case": case, "dropped": suffix, "method": method,
                          **brasyn_scores(load_volume(path).data, real, labels)})
     return rows, summarize(rows)
-
-
-def load_volume_allow_empty(path: Path) -> np.ndarray:
-    """A segmentation in RAS+ (all zeros allowed: a case may have no tumour)."""
-    from vq.labels import load_labels
-
-    return load_labels(path, allowed=None)
 
 
 def summarize(rows: list[dict]) -> list[dict]:

@@ -202,7 +202,10 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device, data) 
         if args.resume and log_path.exists():
             drop_rows_after(log_path, step)
         new_log = not log_path.exists()
-        columns = LOG_COLUMNS if new_log else log_path.open().readline().strip().split(",")  # a resumed run keeps its columns
+        columns = LOG_COLUMNS
+        if not new_log:  # a resumed run keeps its columns
+            with log_path.open() as f:
+                columns = f.readline().strip().split(",")
         log_file = log_path.open("a", newline="")
         log_csv = csv.DictWriter(log_file, columns, extrasaction="ignore")
         if new_log:
@@ -236,7 +239,7 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device, data) 
                     tgt = tgt.contiguous(memory_format=torch.channels_last)
                 in_src, in_tgt, ok = recipe_core.inputs(src, tgt)
                 in_epoch += 1
-                if not all_true(ddp, ok):  # an empty or constant input: the reference skips the step
+                if cfg.train.skip_degenerate and not all_true(ddp, ok):  # the reference skips such a step
                     skipped += 1
                     log.debug("step %d: skipped (empty or constant augmented input)", step + 1)
                     continue
