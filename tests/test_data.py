@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vq.nifti
-from vq.config import Config, DataConfig
+from vq.config import REPO_ROOT, Config, DataConfig
 from vq.dataloader.augment import IntensityAugment
 from vq.dataloader.brats import BratsDataError, SliceCache, load_subject, subject_files
 from vq.dataloader.datasets import PairDataset, eval_pairs, load_eval_stack, make_train_loader
@@ -431,3 +431,30 @@ def test_data_list_errors(tmp_path):
     duplicate.write_text("A,3\nA,4\n")
     with pytest.raises(DataListError, match="subject A listed twice"):
         read_list(duplicate)
+
+
+def test_train_crop_is_drawn_inside_the_centred_crop():
+    """data.train_crop: smaller training crops, all inside the centred `crop` window (where the brain is),
+    covering it; pixel (x, y) of a slice holds x * 1000 + y, so each crop shows where it came from."""
+    class Volumes:  # PairDataset reads only cache.volume(name, seq) -> (S, X, Y)
+        def volume(self, name, seq):
+            x, y = np.meshgrid(np.arange(240), np.arange(240), indexing="ij")
+            return np.broadcast_to((x * 1000 + y).astype(np.float32), (4, 240, 240))
+
+    dataset = PairDataset(Volumes(), [("S0", 3)], DataConfig(crop=192, train_crop=96, flip=False), seed=0)
+    corners = set()
+    for key in range(1500):
+        image = dataset[key]["src"][0].numpy()  # (96, 96)
+        x0, y0 = divmod(int(image[0, 0]), 1000)
+        assert image.shape == (96, 96) and divmod(int(image[-1, -1]), 1000) == (x0 + 95, y0 + 95)
+        corners.add((x0, y0))
+    xs, ys = zip(*corners)
+    # window 24..215; reference offsets: starts 0..95 of 0..96 in it (never the last, as for the full crop)
+    assert (min(xs), max(xs), min(ys), max(ys)) == (24, 24 + 95, 24, 24 + 95)
+
+
+def test_train_crop_must_fit_the_crop():
+    from vq.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.train_crop"):
+        load_config(REPO_ROOT / "publications/config/vq/demo_phantom_cpu.yaml", ["data.train_crop=200"])

@@ -39,6 +39,10 @@ class DataConfig:
     """Central axial slices used per volume."""
     crop: int = 192
     """Training random crop and valid/test centre crop (pixels)."""
+    train_crop: int | None = None
+    """Training crop when smaller than `crop` (None: `crop`, as the reference): drawn inside the
+    centred `crop` window, so that a short CPU run sees mostly brain (the model is convolutional
+    and is validated and tested on `crop`)."""
     percentile: float = 99.0
     """Normalisation: clip to [0, 2 x this percentile], map to [-1, 1]."""
     slices_per_subject: int = 4
@@ -299,6 +303,9 @@ def _validate(cfg: Config) -> None:
         (cfg.train.contrast in ("reference", "text"), "train.contrast must be reference or text"),
         (cfg.train.random_code in ("reference", "sequences"), "train.random_code must be reference or sequences"),
         (cfg.data.crop % (2 ** cfg.model.n_down) == 0, "data.crop must be divisible by 2**model.n_down"),
+        (cfg.data.train_crop is None or (0 < cfg.data.train_crop <= cfg.data.crop
+                                         and cfg.data.train_crop % (2 ** cfg.model.n_down) == 0),
+         "data.train_crop must be at most data.crop and divisible by 2**model.n_down"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.model.restart_after >= 0, "model.restart_after must be >= 0 (0 = no codebook restarts)"),
         (cfg.data.n_slices >= 1, "data.n_slices must be >= 1"),

@@ -60,14 +60,19 @@ class PairDataset(Dataset):
         src, tgt = (int(i) for i in rng.choice(train_sequences(code, self.cfg.missing), size=2, replace=False))
         src_vol, tgt_vol = self.cache.volume(name, src), self.cache.volume(name, tgt)  # (S, X, Y) float16
         index = self.offset(rng, src_vol.shape[0], 1)
-        start = tuple(self.offset(rng, n, self.cfg.crop) for n in src_vol.shape[1:])
+        size = self.cfg.train_crop or self.cfg.crop
+        if size == self.cfg.crop:
+            start = tuple(self.offset(rng, n, size) for n in src_vol.shape[1:])
+        else:  # inside the centred `crop` window
+            start = tuple(max(n - self.cfg.crop, 0) // 2 + self.offset(rng, min(n, self.cfg.crop), size)
+                          for n in src_vol.shape[1:])
         flip_rng = rng
         if self.cfg.group_by_subject:
             flip_rng = np.random.default_rng((self.seed, key // len(self), subject, 1))  # (epoch, subject)
         flip = self.cfg.flip and flip_rng.random() < 0.5
 
-        def view(volume: np.ndarray) -> torch.Tensor:  # (S, X, Y) -> (1, crop, crop) float32
-            image = pad_or_crop(np.asarray(volume[index], dtype=np.float32), self.cfg.crop, start)
+        def view(volume: np.ndarray) -> torch.Tensor:  # (S, X, Y) -> (1, size, size) float32
+            image = pad_or_crop(np.asarray(volume[index], dtype=np.float32), size, start)
             if flip:
                 image = image[::-1]  # axis 0 is X, left-right in RAS+: a mirrored brain is still a brain
             return torch.from_numpy(np.ascontiguousarray(image))[None]
