@@ -386,3 +386,32 @@ def test_tumour_and_nontumour_scores_see_where_the_error_is():
                     if line.startswith("|")]
     assert [line.count("|") for line in tumour_table] == [4, 4, 4]  # one cell per translation, a proper table
     assert "26.0 / " in tumour_table[2] and "inf / 1.000" not in tumour_table[2]
+
+
+def test_demo_goal_counts_each_part(tmp_path):
+    """vq.report: per single-step translation, model against copy; a translation meets the demo's goal
+    only with brain PSNR and SSIM above the copy, the tissue order kept in every subject and a small
+    contrast error. Written through write_summary and read back, as tools/demo_curve.py does."""
+    from vq.report import GOAL_CONTRAST_ERROR, compare_with_copy, goal_row, read_summary
+
+    def entry(method, src, tgt, psnr_brain, ssim_brain, error, order, steps="single"):
+        row = {"method": method, "steps": steps, "src": src, "tgt": tgt, "n": 2}
+        row.update({key: math.nan for key in SUMMARY_COLUMNS if key not in row})
+        row.update(psnr_brain=psnr_brain, ssim_brain=ssim_brain, contrast_error=error, tissue_order=order)
+        return row
+
+    good = GOAL_CONTRAST_ERROR / 2
+    summary = [entry("model", "t1", "t2", 24.0, 0.70, good, 1.0), entry("copy_source", "t1", "t2", 14.0, 0.10, 1.2, 0.0),
+               entry("model", "t2", "flair", 22.0, 0.60, good, 0.5), entry("copy_source", "t2", "flair", 15.0, 0.2, 1.0, 0.0),
+               entry("model", "t1", "t1ce", 21.0, 0.50, 0.3, 1.0), entry("copy_source", "t1", "t1ce", 23.0, 0.8, 0.2, 1.0),
+               entry("model", "t1", "flair", 30.0, 0.9, good, 1.0, steps="multiple"),
+               entry("copy_source", "t1", "flair", 10.0, 0.1, 1.0, 0.0, steps="multiple")]
+    write_summary(summary, tmp_path / "summary.csv", tmp_path / "summary.md")
+    comparisons = compare_with_copy(read_summary(tmp_path / "summary.csv"))
+    assert [(c.src, c.tgt, c.meets_goal) for c in comparisons] == [
+        ("t1", "t1ce", False), ("t1", "t2", True), ("t2", "flair", False)]  # single steps only, Table 1 order
+    row = goal_row(comparisons)
+    assert (row["translations"], row["beats_copy_psnr"], row["beats_copy_ssim"], row["order_kept"],
+            row["small_contrast_error"], row["meets_goal"]) == (3, 2, 2, 2, 2, 1)
+    assert row["psnr_brain"] == pytest.approx((24 + 22 + 21) / 3) and row["copy_psnr_brain"] == pytest.approx(52 / 3)
+    assert row["tissue_order"] == pytest.approx(2.5 / 3)

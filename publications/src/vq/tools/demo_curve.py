@@ -1,0 +1,81 @@
+"""Quality against training minutes for several evaluated runs: the table and figure of docs/results.md.
+
+    python publications/src/vq/tools/demo_curve.py outputs/exp/RUN_A outputs/exp/RUN_B -o outputs/demo_curve
+
+Each RUN folder is a training run (`log.csv`, `config.yaml`) whose evaluation is in RUN/results
+(or --results NAME). Writes OUT/demo_curve.csv (one row per run: steps, minutes, brain-region PSNR
+and SSIM of model and copy, contrast error, tissue order, how many single-step translations meet
+the demo's goal), OUT/demo_curve.md (the same as a table, and per translation for the last run)
+and OUT/demo_curve.png.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import sys
+from pathlib import Path
+
+from vq.cli import run_main
+from vq.files import write_atomic
+from vq.report import compare_with_copy, goal_row, read_summary, training_minutes, validation_curve
+from vq.viz import plot_demo_curve
+
+log = logging.getLogger("demo_curve")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", type=Path, help="training run folders, each evaluated")
+    p.add_argument("--results", default="results", help="evaluation folder inside each run (default results)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    return run_main(run, parse_args(argv), log)
+
+
+def run(args) -> None:
+    rows, curves = [], {}
+    for run_dir in args.runs:
+        summary = run_dir / args.results / "summary.csv"
+        if not summary.is_file():
+            raise FileNotFoundError(f"{summary} not found: evaluate {run_dir} first (test_brats_vq_2d_metrics.py)")
+        steps, minutes = training_minutes(run_dir / "log.csv")
+        comparisons = compare_with_copy(read_summary(summary))
+        rows.append({"run": run_dir.name, "steps": steps, "minutes": minutes, **goal_row(comparisons)})
+        curves[run_dir.name] = validation_curve(run_dir / "log.csv")
+    text = io.StringIO()
+    writer = csv.DictWriter(text, list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(args.out / "demo_curve.csv", lambda f: f.write(text.getvalue().encode()))
+    md = demo_markdown(rows, comparisons)
+    write_atomic(args.out / "demo_curve.md", lambda f: f.write(md.encode()))
+    plot_demo_curve(rows, curves, args.out / "demo_curve.png")
+    print(md)
+
+
+def demo_markdown(rows: list[dict], last: list) -> str:
+    n = rows[0]["translations"]
+    lines = ["| run | steps | minutes | brain PSNR model / copy | brain SSIM model / copy | contrast error "
+             "model / copy | order kept | meets goal |", "|" + "---|" * 8]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['steps']} | {r['minutes']:.1f} | {r['psnr_brain']:.2f} / "
+                     f"{r['copy_psnr_brain']:.2f} | {r['ssim_brain']:.3f} / {r['copy_ssim_brain']:.3f} | "
+                     f"{r['contrast_error']:.3f} / {r['copy_contrast_error']:.3f} | {r['tissue_order']:.0%} | "
+                     f"{r['meets_goal']}/{n} |")
+    lines += ["", f"Per translation, {rows[-1]['run']}:", "",
+              "| translation | brain PSNR model / copy | brain SSIM model / copy | contrast error model / copy "
+              "| order kept |", "|" + "---|" * 5]
+    for c in last:
+        lines.append(f"| {c.name} | {c.psnr_brain:.2f} / {c.copy_psnr_brain:.2f} | {c.ssim_brain:.3f} / "
+                     f"{c.copy_ssim_brain:.3f} | {c.contrast_error:.3f} / {c.copy_contrast_error:.3f} | "
+                     f"{c.tissue_order:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
