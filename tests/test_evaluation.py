@@ -19,13 +19,13 @@ from vq.dataloader.brats import SliceCache
 from vq.dataloader.datasets import load_eval_stack
 from vq.dataloader.lists import read_list, write_list
 from vq.dataloader.preprocess import normalize
-from vq.evaluation import METRIC_COLUMNS, SUMMARY_COLUMNS, Translation, Translator, score, summarize, \
-    summary_markdown, translations_for, write_summary
+from vq.evaluation import METRIC_COLUMNS, SUMMARY_COLUMNS, Translation, Translator, save_prediction, score, \
+    summarize, summary_markdown, translations_for, write_summary
 from vq.models import build_model
 from vq.nifti import to_intensity
 from vq.runtime import amp_dtype
 from vq.sequences import SEQUENCES, available, code_of, missing
-from vq.test.test_brats_vq_2d_metrics import main as evaluate_main, save_prediction
+from vq.test.test_brats_vq_2d_metrics import main as evaluate_main
 from vq.tools.synthesize import main as synthesize_main
 
 CONFIG = CONFIGS / "demo_phantom_cpu.yaml"
