@@ -14,11 +14,13 @@ from conftest import CONFIGS
 from vq.corruptions import CORRUPTIONS, GHOST_PERIOD, corrupt
 from vq.dataloader.lists import read_list
 from vq.nifti import load_volume
-from vq.sequences import available, missing
 from vq.labels import label_stack, load_labels
-from vq.test.test_brats_vq_2d_oneshot_seg import KNN, LABELS, cell_majority, dice, main as oneshot_main, positions, \
-    region_dice, segment
-from vq.test.test_brats_vq_2d_robustness import COLUMNS, main as robustness_main
+from vq.metrics import dice, region_dice
+from vq.oneshot import KNN, LABELS, cell_majority, positions, segment
+from vq.robustness import COLUMNS
+from vq.sequences import available, missing
+from vq.test.test_brats_vq_2d_oneshot_seg import main as oneshot_main
+from vq.test.test_brats_vq_2d_robustness import main as robustness_main
 
 CONFIG = CONFIGS / "demo_phantom_cpu.yaml"
 KINDS = list(CORRUPTIONS)

@@ -11,6 +11,7 @@ All images are in [-1, 1], so the data range is 2.
   whole image, not inside the brain).
 - `contrast_scores`: the mean intensity of each tissue relative to a reference
   tissue, in the prediction and in the real image, and how far apart they are.
+- `dice` / `region_dice`: overlap of segmentations, per BraTS tumour region.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 from torchvision.models import AlexNet_Weights
 
+from .labels import TUMOUR_REGIONS
 from .weights import MissingWeightsError, load_pretrained_state
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,20 @@ def contrast_scores(pred: Tensor, target: Tensor, labels: Tensor, classes: dict[
     fake_order = sorted([*real, reference_name], key=lambda n: fake.get(n, 1.0))
     return {"contrast_error": error, "tissue_order": float(real_order == fake_order)}, \
         {n: (fake[n], real[n]) for n in real}
+
+
+def dice(pred: Tensor, truth: Tensor) -> float:
+    """2|A n B| / (|A| + |B|) of two boolean masks; 1 when both are empty (nothing to find, nothing found)."""
+    total = int(pred.sum()) + int(truth.sum())
+    return 1.0 if total == 0 else 2 * int((pred & truth).sum()) / total
+
+
+def region_dice(pred: Tensor, truth: Tensor) -> dict[str, float]:
+    """BraTS label maps (S, H, W) -> Dice of each region of `vq.labels.TUMOUR_REGIONS` (wt, tc, et)."""
+    def mask(labels, region):
+        return torch.isin(labels, torch.tensor(region, device=labels.device))
+    truth = truth.to(pred.device)
+    return {name: dice(mask(pred, region), mask(truth, region)) for name, region in TUMOUR_REGIONS.items()}
 
 
 _lpips_warned = False
