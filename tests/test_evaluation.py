@@ -19,13 +19,13 @@ from vq.dataloader.brats import SliceCache
 from vq.dataloader.datasets import load_eval_stack
 from vq.dataloader.lists import read_list, write_list
 from vq.dataloader.preprocess import normalize
-from vq.evaluation import METRIC_COLUMNS, SUMMARY_COLUMNS, Translation, Translator, score, summarize, \
-    summary_markdown, translations_for, write_summary
+from vq.evaluation import METRIC_COLUMNS, SUMMARY_COLUMNS, Translation, Translator, save_prediction, score, \
+    summarize, summary_markdown, translations_for, write_summary
 from vq.models import build_model
 from vq.nifti import to_intensity
 from vq.runtime import amp_dtype
-from vq.sequences import SEQUENCES, available, code_of, missing
-from vq.test.test_brats_vq_2d_metrics import main as evaluate_main, save_prediction
+from vq.sequences import SEQUENCES, available, missing
+from vq.test.test_brats_vq_2d_metrics import main as evaluate_main
 from vq.tools.synthesize import main as synthesize_main
 
 CONFIG = CONFIGS / "demo_phantom_cpu.yaml"
@@ -86,7 +86,7 @@ def evaluated(trained_run, phantom_dir, alexnet_weights_file, tmp_path_factory):
     work = tmp_path_factory.mktemp("evaluated")
     (a, _), (b, _) = read_list(phantom_dir / "test.csv")
     # t1 only: 3 single + 2 multi-step rows; t1 and flair: 4 single + the 0>1>2 path
-    write_list(work / "lists" / "test.csv", [(a, code_of([0])), (b, code_of([0, 3]))])
+    write_list(work / "lists" / "test.csv", [(a, 0b1000), (b, 0b1001)])
     overrides = overrides + [f"data.lists={work / 'lists'}"]
     out = work / "results"
     code = evaluate_main(["-d", "cpu", "-c", str(CONFIG), "-l", str(run_dir / "ckpt_best.pth"), "-o", str(out),
@@ -228,13 +228,13 @@ def test_results_are_not_overwritten_without_flag(evaluated, caplog):
 
 # ----------------------------------------------------------------------------- translations and tables
 def test_translations_single_and_multi_step():
-    found = translations_for(code_of([0]), MULTI_STEP)
+    found = translations_for(0b1000, MULTI_STEP)  # t1 only (codes: t1 t1ce t2 flair, most significant first)
     assert [t.steps for t in found if not t.multi] == ["0>1", "0>2", "0>3"]
     assert [t.steps for t in found if t.multi] == ["0>1>2", "0>1>2>3"]
     assert [(t.src, t.tgt) for t in found if t.multi] == [(0, 2), (0, 3)]
     # a path whose start is missing, or whose end is available, is not evaluated
-    assert not [t for t in translations_for(code_of([1]), MULTI_STEP) if t.multi]
-    assert [t.steps for t in translations_for(code_of([0, 2]), MULTI_STEP) if t.multi] == ["0>1>2>3"]
+    assert not [t for t in translations_for(0b0100, MULTI_STEP) if t.multi]  # t1ce only
+    assert [t.steps for t in translations_for(0b1010, MULTI_STEP) if t.multi] == ["0>1>2>3"]
 
 
 def test_translator_multi_step_is_decoding_twice(trained_run):

@@ -13,7 +13,7 @@ from torchvision.models.vgg import cfgs, make_layers
 
 from vq import metrics
 from vq.losses import PerceptualLoss, consistency_loss, ssim_loss
-from vq.metrics import LPIPSMetric, lpips_volume, psnr, ssim3d
+from vq.metrics import LPIPSMetric, lpips_volume, psnr, ssim3d_regions
 from vq.weights import MissingWeightsError
 
 
@@ -53,6 +53,11 @@ def images(n=2, size=32, seed=0):
     return torch.rand(n, 1, size, size, generator=gen) * 2 - 1
 
 
+def ssim3d(pred, target) -> float:
+    """The whole stack's SSIM, as the evaluation reports it."""
+    return ssim3d_regions(pred, target)["ssim"]
+
+
 # ----------------------------------------------------------------------------- SSIM / PSNR
 def test_ssim_loss_zero_for_identical_and_grows_with_noise():
     img = images()
@@ -80,11 +85,26 @@ def test_psnr_matches_skimage_per_sample_and_on_a_stack():
     assert float(psnr(pred[:, 0], target[:, 0])) == pytest.approx(stack_ref, abs=1e-3)
 
 
-def test_ssim3d_is_skimage_on_the_3d_array():
+def test_ssim3d_on_one_window_is_the_formula_written_out():
+    """A 7x7x7 array holds one whole 7x7x7 window after scikit-image drops its 3-voxel border, so ssim3d is
+    the SSIM formula on the whole array: means, sample (co)variances, C1 = (0.01 x 2)^2, C2 = (0.03 x 2)^2."""
+    rng = np.random.default_rng(0)
+    target = rng.uniform(-1, 1, (7, 7, 7))
+    pred = 0.5 * target + 0.2 + rng.normal(0, 0.1, target.shape)
+    mx, my = target.mean(), pred.mean()
+    vx, vy = target.var(ddof=1), pred.var(ddof=1)
+    cov = ((target - mx) * (pred - my)).sum() / (target.size - 1)
+    c1, c2 = 0.02 ** 2, 0.06 ** 2
+    expected = (2 * mx * my + c1) * (2 * cov + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))  # 0.43884
+    assert ssim3d(pred, target) == pytest.approx(expected, abs=1e-6)  # population covariance: 3e-6 off
+    # constant images: only the luminance term, (2 x 0.25 x 0.5 + C1) / (0.25^2 + 0.5^2 + C1)
+    assert ssim3d(np.full((7, 7, 7), 0.25), np.full((7, 7, 7), 0.5)) == pytest.approx(0.2504 / 0.3129, rel=1e-6)
+
+
+def test_ssim3d_in_float32_is_the_float64_value_and_sees_noise():
     rng = np.random.default_rng(0)
     target = rng.uniform(-1, 1, (9, 20, 20)).astype(np.float32)
     pred = np.clip(target + rng.normal(0, 0.2, target.shape), -1, 1).astype(np.float32)
-    assert ssim3d(pred, target) == structural_similarity(target, pred, data_range=2.0)
     ref64 = structural_similarity(target.astype(np.float64), pred.astype(np.float64), data_range=2.0)
     assert ssim3d(pred, target) == pytest.approx(ref64, abs=1e-6)  # float32 arithmetic moves it by < 1e-6
     assert ssim3d(target, target) == pytest.approx(1.0)
@@ -258,7 +278,7 @@ def test_contrastive_gradient_reaches_both_latents():
 
 # ----------------------------------------------------------------------------- brain-region and contrast metrics
 def test_region_psnr_and_ssim_known_values():
-    from vq.metrics import region_psnr, ssim3d_regions
+    from vq.metrics import region_psnr
 
     target = torch.full((8, 16, 16), -1.0)
     target[:, 4:12, 4:12] = 0.5
@@ -305,7 +325,7 @@ def test_blurred_and_constant_predictions_score_worse_inside_the_brain():
     brain-region numbers and the contrast see that the tissues are gone."""
     from scipy.ndimage import gaussian_filter
 
-    from vq.metrics import contrast_scores, region_psnr, ssim3d_regions
+    from vq.metrics import contrast_scores, region_psnr
 
     target, labels = _labelled_slices()
     brain = target > -1

@@ -80,14 +80,18 @@ def test_model_mixed_targets_equal_each_sample_alone(model):
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-4)
 
 
-def test_decode_shape_and_range(model):
-    x = images(3) * 50  # large inputs push tanh towards saturation
+def test_decode_shapes_and_target_codes(model):
+    x = images(3)
     enc = model.encode(x)
     assert enc.latent.shape == (3, TINY.embed_dim, 8, 8)
     assert enc.indices.shape == (3, 8, 8) and enc.loss_vq.ndim == 0
-    out = model.decode(enc.latent, "flair")
+    with torch.no_grad():
+        out = model.decode(enc.latent, "flair")
+        one_hot = model.decode(enc.latent, F.one_hot(torch.tensor(3), TINY.code_dim).float())
+        t1 = model.decode(enc.latent, "t1")
     assert out.shape == x.shape
-    assert out.abs().max() <= 1
+    torch.testing.assert_close(one_hot, out)  # "flair" is code position 3, the sequence order
+    assert (t1 - out).abs().mean() > 1e-3  # the code steers the decoder
     # codes: int, per-sample list, float codes all give (B, code_dim)
     assert model.target_code(1, 3).shape == (3, TINY.code_dim)
     assert torch.equal(model.target_code(torch.tensor([1, 1, 1])), model.target_code(1, 3))

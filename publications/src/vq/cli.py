@@ -1,4 +1,4 @@
-"""What every script shares: common flags, loading a trained model, and errors for people.
+"""What every script shares: common flags, loading a trained model, opening a test run, errors for people.
 
 A user error (bad config key, missing file, broken subject, unavailable device,
 missing weights, results already there) ends as one logged line and exit code 2,
@@ -9,17 +9,20 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from vq.checkpoint import CheckpointError, load_model_weights, read_checkpoint
-from vq.config import Config, ConfigError
-from vq.dataloader.brats import BratsDataError
-from vq.dataloader.lists import DataListError
+from vq.config import Config, ConfigError, load_config, resolve_path
+from vq.dataloader.brats import BratsDataError, SliceCache
+from vq.dataloader.lists import DataListError, read_list
+from vq.evaluation import TestRun
+from vq.inference import Translator
 from vq.models import build_model
 from vq.nifti import NiftiError
-from vq.runtime import DeviceError
+from vq.runtime import DeviceError, amp_dtype, resolve_device
 from vq.weights import MissingWeightsError
 
 USER_ERRORS = (ConfigError, DeviceError, BratsDataError, DataListError, NiftiError, CheckpointError,
@@ -73,3 +76,26 @@ def load_trained_model(cfg: Config, checkpoint: str, device: torch.device) -> to
             "checkpoint %s was trained with data.percentile=%s but this config normalises with %s; "
             "pass the training config or --set data.percentile=%s", checkpoint, trained, cfg.data.percentile, trained)
     return model.eval()
+
+
+def load_translator(cfg: Config, checkpoint: str, device: torch.device) -> Translator:
+    """`load_trained_model` wrapped for batched inference with the config's test settings (amp, batch size)."""
+    model = load_trained_model(cfg, checkpoint, device)
+    return Translator(model, device, amp_dtype(device, cfg.test.amp), cfg.test.batch_size)
+
+
+def open_test_run(args: argparse.Namespace, result: str, n_subjects: int | None = None) -> TestRun:
+    """What a test script does before its own work, from its flags (-c, --set, -o, --overwrite, -d, -l,
+    --list): the config; a FileExistsError if OUT_DIR/`result` is there without --overwrite; the trained
+    model's translator; the first `n_subjects` of the data list (all by default) with their slice cache,
+    built where missing (a broken subject is an error, not a skip)."""
+    cfg = load_config(args.config, args.set)
+    out = Path(args.out)
+    if (out / result).exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already holds results; pass --overwrite or choose another -o")
+    translator = load_translator(cfg, args.load, resolve_device(args.device))
+    root, data_list = resolve_path(cfg.data.root), cfg.lists_dir / args.list
+    subjects = read_list(data_list)[:n_subjects]
+    cache = SliceCache(resolve_path(cfg.data.cache_dir), root, cfg.data)
+    cache.ensure([name for name, _ in subjects])
+    return TestRun(cfg, translator, root, data_list, subjects, cache, out)

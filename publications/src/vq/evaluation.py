@@ -4,7 +4,7 @@ For each test subject: every available source x every missing target, single
 step and through configured multi-step paths, plus a "copy the source"
 baseline. PSNR/SSIM use data range 2 on the whole [-1, 1] stack; `lpips` is the
 per-volume SUM of per-slice LPIPS (the reference's table numbers),
-`lpips_mean` the per-slice mean.
+`lpips_mean` the per-slice mean. `evaluate` runs it on a `TestRun` and writes the results.
 """
 from __future__ import annotations
 
@@ -15,14 +15,22 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from vq.config import Config
+from vq.dataloader.brats import SliceCache, subject_files
+from vq.dataloader.datasets import load_eval_stack
+from vq.dataloader.preprocess import central_slices, pad_or_crop
 from vq.files import write_atomic
-from vq.inference import Translator  # noqa: F401 (re-exported: the evaluation's translator)
-from vq.labels import ContrastSpec
+from vq.inference import Translator
+from vq.labels import ContrastSpec, label_stack, load_labels, subject_labels
 from vq.metrics import LPIPSMetric, contrast_scores, lpips_volume, psnr, region_psnr, ssim3d_regions
-from vq.sequences import DISPLAY_NAMES, SEQUENCES, available, missing, path_name, seq_index
+from vq.nifti import ras_shape, save_like, to_intensity
+from vq.sequences import DISPLAY_NAMES, N_SEQ, SEG, SEQUENCES, available, missing, path_name, seq_index
+from vq.viz import save_png, translation_figure
 
 METRIC_COLUMNS = ["name", "src", "tgt", "psnr", "ssim", "lpips", "steps", "lpips_mean",
                   "psnr_brain", "ssim_brain", "contrast_error", "tissue_order",
@@ -34,6 +42,23 @@ SUMMARY_METRICS = ("psnr", "ssim", "lpips", "psnr_brain", "ssim_brain", "contras
 SUMMARY_COLUMNS = ["method", "steps", "src", "tgt", "n"] + [c for m in SUMMARY_METRICS for c in (m, f"{m}_std")]
 CONTRAST_COLUMNS = ["name", "src", "tgt", "steps", "method", "tissue", "reference", "predicted", "real"]
 """tissue_contrast.csv: per row and tissue, the mean intensity relative to the reference region."""
+
+
+@dataclass
+class TestRun:
+    """A trained model and a test list, ready to run (`vq.cli.open_test_run` builds it from a script's flags)."""
+
+    cfg: Config
+    translator: Translator
+    root: Path
+    """The data folder (BraTS layout)."""
+    data_list: Path
+    subjects: list[tuple[str, int]]
+    """(name, availability code) from `data_list`."""
+    cache: SliceCache
+    """Slice cache of `subjects`, complete."""
+    out: Path
+    """Results folder."""
 
 
 @dataclass
@@ -108,6 +133,77 @@ def contrast_rows(row: dict, reference: str) -> list[dict]:
     return [{**{k: row[k] for k in ("name", "src", "tgt", "steps", "method")}, "tissue": tissue,
              "reference": reference, "predicted": predicted, "real": real}
             for tissue, (predicted, real) in row["ratios"].items()]
+
+
+def evaluate(test: TestRun, lpips: LPIPSMetric | None) -> list[dict]:
+    """The protocol on every subject of the list -> the summary; writes into `test.out`:
+    result_metrics.csv (model), baseline_metrics.csv (copy the source), tissue_contrast.csv (where a
+    label map exists), summary.csv and summary.md, figures/<ID>.png (source, prediction and real target
+    of every single step) and, with test.save_nifti, nifti/<ID>/ in the source files' geometry."""
+    cfg, device, out = test.cfg, test.translator.device, test.out
+    out.mkdir(parents=True, exist_ok=True)
+    rows, baseline, contrast = [], [], []
+    for name, code in tqdm(test.subjects, desc="subjects", dynamic_ncols=True):
+        stacks = {s: load_eval_stack(test.cache, name, s) for s in range(N_SEQ)}  # (S,1,crop,crop) each
+        labels = eval_labels(test.root, name, cfg)
+        memo = {}  # latents and intermediate stacks shared by this subject's translations
+        copy_scores = {}  # (src, tgt) -> the copy baseline's scores, shared by single and multi-step rows
+        panels = []  # (source, prediction, target) centre slices of the single steps, for the figure
+        for tr in translations_for(code, cfg.test.multi_step):
+            pred = test.translator.translate(stacks[tr.src], tr.path, memo)
+            target = stacks[tr.tgt].to(device)
+            names = {"name": name, "src": SEQUENCES[tr.src], "tgt": SEQUENCES[tr.tgt], "steps": tr.steps}
+            rows.append({**names, "method": "model", **score(pred, target, lpips, labels)})
+            if (tr.src, tr.tgt) not in copy_scores:
+                copy_scores[tr.src, tr.tgt] = score(stacks[tr.src].to(device), target, lpips, labels)
+            baseline.append({**names, "method": "copy_source", **copy_scores[tr.src, tr.tgt]})
+            if labels is not None:
+                contrast += contrast_rows(rows[-1], labels.spec.reference_name)
+                contrast += contrast_rows(baseline[-1], labels.spec.reference_name)
+            if not tr.multi:
+                mid = len(pred) // 2
+                panels.append((tr.src, tr.tgt, stacks[tr.src][mid, 0].numpy(), pred[mid, 0].cpu().numpy(),
+                               stacks[tr.tgt][mid, 0].numpy()))
+            if cfg.test.save_nifti:
+                save_prediction(pred, test.root, name, tr, cfg, out)
+        if panels:
+            save_png(translation_figure(panels, f"{name}: centre slice, source / prediction / real target"),
+                     out / "figures" / f"{name}.png")
+    write_metrics(rows, out / "result_metrics.csv")
+    write_metrics(baseline, out / "baseline_metrics.csv")
+    if contrast:
+        write_metrics(contrast, out / "tissue_contrast.csv", CONTRAST_COLUMNS)
+    summary = summarize(rows + baseline)
+    write_summary(summary, out / "summary.csv", out / "summary.md")
+    return summary
+
+
+def eval_labels(root: Path, name: str, cfg: Config) -> SubjectLabels | None:
+    """The subject's label stacks, cut like the image stacks: the contrast metric's map (the tissue map
+    on the phantom, else the BraTS segmentation) and the tumour mask (segmentation > 0); None when the
+    subject has neither (test subjects need no segmentation)."""
+    cut = lambda labels: label_stack(labels, cfg.data.n_slices, cfg.data.n_slices, cfg.data.crop)
+    seg_path = root / name / f"{name}_{SEG}.nii.gz"
+    seg = cut(load_labels(seg_path)) if seg_path.is_file() else None
+    found = subject_labels(root, name)
+    if found is None:
+        return None
+    path, spec = found
+    stack = seg if path == seg_path else cut(load_labels(path, allowed=(0, *spec.classes.values(), spec.reference_label)))
+    return SubjectLabels(stack, spec, None if seg is None else seg > 0)
+
+
+def save_prediction(pred: torch.Tensor, root: Path, name: str, tr: Translation, cfg: Config, out: Path) -> Path:
+    """Paste the (S,1,crop,crop) prediction into the source file's full grid and geometry."""
+    source = nib.load(str(subject_files(root, name, [tr.src])[SEQUENCES[tr.src]]))  # the seg file is optional here
+    full = np.zeros(ras_shape(source), dtype=np.float32)  # (X, Y, Z) in RAS, background 0
+    x, y, z = full.shape
+    # centred fitting undoes the centre crop (or pad), background -1 -> 0: (S,1,crop,crop) -> (S,X,Y)
+    volume = to_intensity(pad_or_crop(pred[:, 0].cpu().numpy(), (x, y)))
+    full[:, :, central_slices(z, len(volume))] = volume.transpose(1, 2, 0)  # (S,X,Y) -> (X,Y,S)
+    via = "" if not tr.multi else "_via_" + "_".join(SEQUENCES[i] for i in tr.path[1:-1])
+    path = out / "nifti" / name / f"{name}_{SEQUENCES[tr.tgt]}_from_{SEQUENCES[tr.src]}{via}.nii.gz"
+    return save_like(full, source, path)
 
 
 def write_metrics(rows: list[dict], path: str | Path, columns: list[str] = METRIC_COLUMNS) -> Path:

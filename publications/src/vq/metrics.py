@@ -2,15 +2,16 @@
 
 All images are in [-1, 1], so the data range is 2.
 - `psnr`: torch, per sample of a batch or over a whole 3D stack.
-- `ssim3d`: scikit-image SSIM of the whole (128, 192, 192) stack as one 3D array.
+- `ssim3d_regions`: scikit-image SSIM of the whole (128, 192, 192) stack as one 3D array.
 - `LPIPSMetric` / `lpips_volume`: LPIPS (AlexNet, v0.1) per slice. The paper's
   table reports the SUM over the 128 slices of a stack (`lpips`), not a mean;
   `lpips_mean` is the per-slice mean.
-- `region_psnr` / `ssim3d_regions`: the same inside a region (the brain: a stack
+- `region_psnr`, and the regions of `ssim3d_regions`: the same inside a region (the brain: a stack
   that is three quarters background rewards a smooth brain-shaped mean on the
   whole image, not inside the brain).
 - `contrast_scores`: the mean intensity of each tissue relative to a reference
   tissue, in the prediction and in the real image, and how far apart they are.
+- `dice` / `region_dice`: overlap of segmentations, per BraTS tumour region.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 from torchvision.models import AlexNet_Weights
 
+from .labels import TUMOUR_REGIONS
 from .weights import MissingWeightsError, load_pretrained_state
 
 log = logging.getLogger(__name__)
@@ -43,21 +45,6 @@ def psnr(pred: Tensor, target: Tensor, data_range: float = DATA_RANGE) -> Tensor
     return 10 * torch.log10(data_range ** 2 / mse)
 
 
-def ssim3d(pred: np.ndarray, target: np.ndarray, data_range: float = DATA_RANGE) -> float:
-    """SSIM of a whole stack, e.g. (128, 192, 192), as one 3D array, computed by scikit-image.
-
-    `skimage.metrics.structural_similarity` with its defaults (7x7x7 uniform window,
-    sample covariance, k1=0.01, k2=0.03) and data_range=2, as the paper's table.
-    The stacks go in as float32, so scikit-image computes in float32 as it does
-    for the model's float32 output: about 1 s per stack on 2 CPU cores, twice as
-    fast as float64, whose value differs by under 1e-7 on phantom stacks.
-    """
-    from skimage.metrics import structural_similarity
-
-    return float(structural_similarity(np.asarray(target, np.float32), np.asarray(pred, np.float32),
-                                       data_range=data_range))
-
-
 def region_psnr(pred: Tensor, target: Tensor, mask: Tensor, data_range: float = DATA_RANGE) -> float:
     """PSNR over the voxels of a boolean `mask` (same shape as the images); NaN for an empty mask."""
     if not bool(mask.any()):
@@ -68,11 +55,15 @@ def region_psnr(pred: Tensor, target: Tensor, mask: Tensor, data_range: float = 
 
 def ssim3d_regions(pred: np.ndarray, target: np.ndarray, regions: dict[str, np.ndarray] | None = None,
                    data_range: float = DATA_RANGE) -> dict[str, float]:
-    """`ssim3d` of a stack and, from the same SSIM map, its mean over each boolean region.
+    """SSIM of a whole stack, e.g. (128, 192, 192), as one 3D array, and its map's mean over each boolean region.
 
-    -> {"ssim": whole-stack value as `ssim3d`, "ssim_<name>": map mean over region <name>} (NaN
-    for an empty region). The whole-stack value averages the map without its 3-voxel border, as
-    scikit-image does; a region's mean uses all of its voxels.
+    -> {"ssim": the whole stack's value, "ssim_<name>": map mean over region <name>} (NaN for an empty
+    region). `skimage.metrics.structural_similarity` with its defaults (7x7x7 uniform window, sample
+    covariance, k1=0.01, k2=0.03) and data_range=2, as the paper's table. The whole-stack value averages
+    the map without its 3-voxel border, as scikit-image does; a region's mean uses all of its voxels.
+    The stacks go in as float32, so scikit-image computes in float32 as it does for the model's float32
+    output: about 1 s per stack on 2 CPU cores, twice as fast as float64, whose value differs by under
+    1e-7 on phantom stacks.
     """
     from skimage.metrics import structural_similarity
 
@@ -119,6 +110,20 @@ def contrast_scores(pred: Tensor, target: Tensor, labels: Tensor, classes: dict[
     fake_order = sorted([*real, reference_name], key=lambda n: fake.get(n, 1.0))
     return {"contrast_error": error, "tissue_order": float(real_order == fake_order)}, \
         {n: (fake[n], real[n]) for n in real}
+
+
+def dice(pred: Tensor, truth: Tensor) -> float:
+    """2|A n B| / (|A| + |B|) of two boolean masks; 1 when both are empty (nothing to find, nothing found)."""
+    total = int(pred.sum()) + int(truth.sum())
+    return 1.0 if total == 0 else 2 * int((pred & truth).sum()) / total
+
+
+def region_dice(pred: Tensor, truth: Tensor) -> dict[str, float]:
+    """BraTS label maps (S, H, W) -> Dice of each region of `vq.labels.TUMOUR_REGIONS` (wt, tc, et)."""
+    def mask(labels, region):
+        return torch.isin(labels, torch.tensor(region, device=labels.device))
+    truth = truth.to(pred.device)
+    return {name: dice(mask(pred, region), mask(truth, region)) for name, region in TUMOUR_REGIONS.items()}
 
 
 _lpips_warned = False

@@ -51,11 +51,6 @@ def missing(code: int) -> list[int]:
     return [i for i in range(N_SEQ) if i not in have]
 
 
-def code_of(indices) -> int:
-    """Inverse of `available`: the 4-bit code of a set of sequence indices."""
-    return sum(1 << (N_SEQ - 1 - i) for i in set(indices))
-
-
 def train_pair(code: int) -> tuple[int, int]:
     """The two neighbouring sequences a training subject keeps in the "missing" setting (n mod 3)."""
     return TRAIN_PAIRS[code % 3]

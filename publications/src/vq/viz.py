@@ -1,4 +1,4 @@
-"""Pictures a person would rather look at than read: training curves and sample grids."""
+"""Pictures a person would rather look at than read: training curves, sample grids, the robustness plot."""
 from __future__ import annotations
 
 import csv
@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # headless machines: no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from vq.corruptions import CORRUPTIONS  # noqa: E402
 from vq.sequences import DISPLAY_NAMES, SEQUENCES  # noqa: E402
 
 
@@ -125,3 +126,23 @@ def save_png(image: np.ndarray, path: str | Path) -> None:
     plt.imsave(path, image)
 
 
+def robustness_plot(psnrs: dict[tuple[str, str, int], float], inputs: dict[tuple[str, str, int], float],
+                    path: str | Path) -> None:
+    """PSNR of the translation against level, one panel per corruption, one line per model; dashed: the
+    corrupted input's PSNR against the clean source. psnrs, inputs: means per (model, corruption, level)."""
+    models = list(dict.fromkeys(model for model, _, _ in psnrs))
+    fig, axes = plt.subplots(1, len(CORRUPTIONS), figsize=(3.6 * len(CORRUPTIONS), 3.4), sharey=True)
+    for ax, (kind, c) in zip(axes, CORRUPTIONS.items()):
+        levels = range(len(c.levels) + 1)
+        for i, model in enumerate(models):
+            ax.plot(levels, [psnrs[(model, kind, lv)] for lv in levels], "o-", color=f"C{i}", label=model)
+        ax.plot(levels[1:], [inputs[(models[0], kind, lv)] for lv in levels[1:]], "--", color="grey",
+                label="corrupted input vs clean source")
+        ax.set_xticks(list(levels), ["clean"] + [f"{s:g}" for s in c.levels])
+        ax.set_title(kind)
+        ax.set_xlabel("strength")
+    axes[0].set_ylabel("PSNR vs clean target (dB)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -14,27 +14,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-import torch
-from tqdm import tqdm
-
-from vq.cli import add_model_args, load_trained_model, run_main
-from vq.config import load_config, resolve_path
-from vq.dataloader.brats import SliceCache, subject_files
-from vq.dataloader.datasets import load_eval_stack
-from vq.dataloader.lists import read_list
-from vq.dataloader.preprocess import central_slices, pad_or_crop
-from vq.evaluation import CONTRAST_COLUMNS, SubjectLabels, Translator, contrast_rows, score, summarize, \
-    summary_markdown, translations_for, write_metrics, write_summary
-from vq.labels import label_stack, load_labels, subject_labels
+from vq.cli import add_model_args, open_test_run, run_main
+from vq.evaluation import evaluate, summary_markdown
 from vq.metrics import LPIPSMetric
-from vq.nifti import ras_shape, save_like, to_intensity
-from vq.runtime import amp_dtype, resolve_device
-from vq.sequences import N_SEQ, SEG, SEQUENCES
-from vq.viz import save_png, translation_figure
 
 log = logging.getLogger("test")
 
@@ -53,85 +36,11 @@ def main(argv=None) -> int:
 
 
 def run(args) -> None:
-    cfg = load_config(args.config, args.set)
-    out = Path(args.out)
-    if (out / "result_metrics.csv").exists() and not args.overwrite:
-        raise FileExistsError(f"{out} already holds results; pass --overwrite or choose another -o")
-    device = resolve_device(args.device)
-    amp = amp_dtype(device, cfg.test.amp)
-    model = load_trained_model(cfg, args.load, device)
-    translator = Translator(model, device, amp, cfg.test.batch_size)
-    lpips = LPIPSMetric.try_create(args.lpips_weights or cfg.test.lpips_weights, device=device)
-
-    root = resolve_path(cfg.data.root)
-    subjects = read_list(cfg.lists_dir / args.list)
-    cache = SliceCache(resolve_path(cfg.data.cache_dir), root, cfg.data)
-    cache.ensure([name for name, _ in subjects])  # test: a bad subject is an error, not a skip
-    out.mkdir(parents=True, exist_ok=True)
-
-    rows, baseline, contrast = [], [], []
-    for name, code in tqdm(subjects, desc="subjects", dynamic_ncols=True):
-        stacks = {s: load_eval_stack(cache, name, s) for s in range(N_SEQ)}  # (S,1,crop,crop) each
-        labels = eval_labels(root, name, cfg)
-        memo = {}  # latents and intermediate stacks shared by this subject's translations
-        copy_scores = {}  # (src, tgt) -> the copy baseline's scores, shared by single and multi-step rows
-        panels = []  # (source, prediction, target) centre slices of the single steps, for the figure
-        for tr in translations_for(code, cfg.test.multi_step):
-            pred = translator.translate(stacks[tr.src], tr.path, memo)
-            target = stacks[tr.tgt].to(device)
-            names = {"name": name, "src": SEQUENCES[tr.src], "tgt": SEQUENCES[tr.tgt], "steps": tr.steps}
-            rows.append({**names, "method": "model", **score(pred, target, lpips, labels)})
-            if (tr.src, tr.tgt) not in copy_scores:
-                copy_scores[tr.src, tr.tgt] = score(stacks[tr.src].to(device), target, lpips, labels)
-            baseline.append({**names, "method": "copy_source", **copy_scores[tr.src, tr.tgt]})
-            if labels is not None:
-                contrast += contrast_rows(rows[-1], labels.spec.reference_name)
-                contrast += contrast_rows(baseline[-1], labels.spec.reference_name)
-            if not tr.multi:
-                mid = len(pred) // 2
-                panels.append((tr.src, tr.tgt, stacks[tr.src][mid, 0].numpy(), pred[mid, 0].cpu().numpy(),
-                               stacks[tr.tgt][mid, 0].numpy()))
-            if cfg.test.save_nifti:
-                save_prediction(pred, root, name, tr, cfg, out)
-        if panels:
-            save_png(translation_figure(panels, f"{name}: centre slice, source / prediction / real target"),
-                     out / "figures" / f"{name}.png")
-    write_metrics(rows, out / "result_metrics.csv")
-    write_metrics(baseline, out / "baseline_metrics.csv")
-    if contrast:
-        write_metrics(contrast, out / "tissue_contrast.csv", CONTRAST_COLUMNS)
-    summary = summarize(rows + baseline)
-    write_summary(summary, out / "summary.csv", out / "summary.md")
-    log.info("wrote %s", out)
+    test = open_test_run(args, "result_metrics.csv")
+    lpips = LPIPSMetric.try_create(args.lpips_weights or test.cfg.test.lpips_weights, device=test.translator.device)
+    summary = evaluate(test, lpips)
+    log.info("wrote %s", test.out)
     print(summary_markdown(summary))
-
-
-def eval_labels(root: Path, name: str, cfg) -> SubjectLabels | None:
-    """The subject's label stacks, cut like the image stacks: the contrast metric's map (the tissue map
-    on the phantom, else the BraTS segmentation) and the tumour mask (segmentation > 0); None when the
-    subject has neither (test subjects need no segmentation)."""
-    cut = lambda labels: label_stack(labels, cfg.data.n_slices, cfg.data.n_slices, cfg.data.crop)
-    seg_path = root / name / f"{name}_{SEG}.nii.gz"
-    seg = cut(load_labels(seg_path)) if seg_path.is_file() else None
-    found = subject_labels(root, name)
-    if found is None:
-        return None
-    path, spec = found
-    stack = seg if path == seg_path else cut(load_labels(path, allowed=(0, *spec.classes.values(), spec.reference_label)))
-    return SubjectLabels(stack, spec, None if seg is None else seg > 0)
-
-
-def save_prediction(pred: torch.Tensor, root: Path, name: str, tr, cfg, out: Path) -> Path:
-    """Paste the (S,1,crop,crop) prediction into the source file's full grid and geometry."""
-    source = nib.load(str(subject_files(root, name, [tr.src])[SEQUENCES[tr.src]]))  # the seg file is optional here
-    full = np.zeros(ras_shape(source), dtype=np.float32)  # (X, Y, Z) in RAS, background 0
-    x, y, z = full.shape
-    # centred fitting undoes the centre crop (or pad), background -1 -> 0: (S,1,crop,crop) -> (S,X,Y)
-    volume = to_intensity(pad_or_crop(pred[:, 0].cpu().numpy(), (x, y)))
-    full[:, :, central_slices(z, len(volume))] = volume.transpose(1, 2, 0)  # (S,X,Y) -> (X,Y,S)
-    via = "" if not tr.multi else "_via_" + "_".join(SEQUENCES[i] for i in tr.path[1:-1])
-    path = out / "nifti" / name / f"{name}_{SEQUENCES[tr.tgt]}_from_{SEQUENCES[tr.src]}{via}.nii.gz"
-    return save_like(full, source, path)
 
 
 if __name__ == "__main__":

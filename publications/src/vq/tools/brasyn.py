@@ -18,10 +18,9 @@ import sys
 from pathlib import Path
 
 from vq.brasyn import BrasynError, complete_folder, drop_modalities, evaluate_folder, summary_markdown, write_results
-from vq.cli import add_set_arg, load_trained_model, run_main
+from vq.cli import add_set_arg, load_translator, run_main
 from vq.config import load_config
-from vq.inference import Translator
-from vq.runtime import amp_dtype, resolve_device
+from vq.runtime import resolve_device
 
 log = logging.getLogger("brasyn")
 
@@ -59,9 +58,7 @@ def run(args) -> int:
             print(f"{len(rows)} cases written to {args.out}; dropped modalities in {args.out / 'dropped.csv'}")
         elif args.command == "complete":
             cfg = load_config(args.config, args.set)
-            device = resolve_device(args.device)
-            translator = Translator(load_trained_model(cfg, args.load, device), device,
-                                    amp_dtype(device, cfg.test.amp), cfg.test.batch_size)
+            translator = load_translator(cfg, args.load, resolve_device(args.device))
             report = complete_folder(translator, args.root, args.out, args.flat, cfg.data.percentile)
             done = sum(text.endswith("written") for text in report.values())
             print(f"{done} of {len(report)} cases completed into {args.out}")
