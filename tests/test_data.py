@@ -13,7 +13,7 @@ import vq.nifti
 from vq.config import REPO_ROOT, Config, DataConfig
 from vq.dataloader.augment import IntensityAugment
 from vq.dataloader.brats import BratsDataError, SliceCache, load_subject, subject_files
-from vq.dataloader.datasets import PairDataset, eval_pairs, load_eval_stack, make_train_loader
+from vq.dataloader.datasets import PairDataset, load_eval_stack, make_train_loader
 from vq.dataloader.lists import DataListError, read_list, spread_codes
 from vq.dataloader.preprocess import central_slices, normalize, pad_or_crop
 from vq.sequences import CODES as PATTERNS
@@ -339,7 +339,7 @@ def test_crop_and_slice_offsets(tmp_path, brats, offsets, last):
     assert dataset.offset(rng, 100, 192) == 0  # smaller than the crop: padded, offset 0
 
 
-def test_eval_stack_and_pairs(tmp_path, brats, cfg):
+def test_eval_stack(tmp_path, brats, cfg):
     cache = make_cache(tmp_path, brats, cfg)
     cache.ensure(["S0"])
     stack = load_eval_stack(cache, "S0", "t2", 4)
@@ -347,8 +347,6 @@ def test_eval_stack_and_pairs(tmp_path, brats, cfg):
     full = np.asarray(cache.volume("S0", "t2"), np.float32)  # (8, 40, 48)
     np.testing.assert_array_equal(stack[:, 0].numpy(), full[2:6, 4:36, 8:40])
     assert load_eval_stack(cache, "S0", 2).shape == (8, 1, 32, 32)
-    assert eval_pairs([("A", 0b1010)]) == [("A", 0, 2), ("A", 2, 0)]
-    assert eval_pairs([("A", 0b1010)], targets="missing") == [("A", 0, 1), ("A", 0, 3), ("A", 2, 1), ("A", 2, 3)]
 
 
 # --- augmentation ---

@@ -415,3 +415,28 @@ def test_demo_goal_counts_each_part(tmp_path):
             row["small_contrast_error"], row["meets_goal"]) == (3, 2, 2, 2, 2, 1)
     assert row["psnr_brain"] == pytest.approx((24 + 22 + 21) / 3) and row["copy_psnr_brain"] == pytest.approx(52 / 3)
     assert row["tissue_order"] == pytest.approx(2.5 / 3)
+
+
+def test_fewer_test_slices_score_and_write_the_central_ones(trained_run, phantom_dir, tmp_path):
+    """test.n_slices (the CPU demo's quicker evaluation): the copy baseline is scored on the central n
+    slices of the stacks, and the predictions fill exactly those slices of the NIfTI output."""
+    overrides, run_dir = trained_run
+    (name, code), = read_list(phantom_dir / "test.csv")[:1]
+    write_list(tmp_path / "lists" / "test.csv", [(name, code)])
+    overrides = overrides + [f"data.lists={tmp_path / 'lists'}", "test.n_slices=8", "test.multi_step=[]"]
+    assert evaluate_main(["-d", "cpu", "-c", str(CONFIG), "-l", str(run_dir / "ckpt_best.pth"),
+                          "-o", str(tmp_path / "out"), "--set", *overrides]) == 0
+    cfg = load_config(CONFIG, overrides)
+    cache = SliceCache(cfg.data.cache_dir, phantom_dir, cfg.data)
+    _, baseline = read_csv(tmp_path / "out" / "baseline_metrics.csv")
+    row = baseline[0]
+    full = {s: load_eval_stack(cache, name, s)[:, 0] for s in (row["src"], row["tgt"])}  # (n_slices, crop, crop)
+    mid = cfg.data.n_slices // 2
+    central = {s: stack[mid - 4:mid + 4] for s, stack in full.items()}
+    assert float(row["psnr"]) == pytest.approx(float(metrics.psnr(central[row["src"]], central[row["tgt"]])), abs=1e-4)
+    assert float(row["psnr"]) != pytest.approx(float(metrics.psnr(full[row["src"]], full[row["tgt"]])), abs=1e-2)
+    written = next((tmp_path / "out" / "nifti" / name).glob("*.nii.gz"))
+    filled = np.flatnonzero(canonical(written).any(axis=(0, 1)))
+    z = canonical(written).shape[2]
+    start = (z - cfg.data.n_slices) // 2 + mid - 4
+    assert list(filled) == list(range(start, start + 8))

@@ -180,6 +180,9 @@ class TestConfig:
         ["t1", "t1ce", "t2"], ["t1", "t1ce", "t2", "flair"]])
     """Multi-step translation paths evaluated beside the single-step rows."""
     save_nifti: bool = True
+    n_slices: int | None = None
+    """Central slices evaluated per volume (None: all `data.n_slices`, the paper's protocol). Fewer
+    only to make a CPU demo quicker: its numbers are then not the protocol's."""
 
 
 @dataclass
@@ -309,6 +312,8 @@ def _validate(cfg: Config) -> None:
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.model.restart_after >= 0, "model.restart_after must be >= 0 (0 = no codebook restarts)"),
         (cfg.data.n_slices >= 1, "data.n_slices must be >= 1"),
+        (cfg.test.n_slices is None or 7 <= cfg.test.n_slices <= cfg.data.n_slices,
+         "test.n_slices must be between 7 (the 3D SSIM window) and data.n_slices, or null (all)"),
         (0 < cfg.train.contrast_keep <= 1, "train.contrast_keep must be in (0, 1]"),
         (len(cfg.train.betas) == 2, "train.betas must have two values"),
     ]

@@ -144,7 +144,7 @@ def evaluate(test: TestRun, lpips: LPIPSMetric | None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     rows, baseline, contrast = [], [], []
     for name, code in tqdm(test.subjects, desc="subjects", dynamic_ncols=True):
-        stacks = {s: load_eval_stack(test.cache, name, s) for s in range(N_SEQ)}  # (S,1,crop,crop) each
+        stacks = {s: load_eval_stack(test.cache, name, s, cfg.test.n_slices) for s in range(N_SEQ)}  # (S,1,crop,crop)
         labels = eval_labels(test.root, name, cfg)
         memo = {}  # latents and intermediate stacks shared by this subject's translations
         copy_scores = {}  # (src, tgt) -> the copy baseline's scores, shared by single and multi-step rows
@@ -182,7 +182,8 @@ def eval_labels(root: Path, name: str, cfg: Config) -> SubjectLabels | None:
     """The subject's label stacks, cut like the image stacks: the contrast metric's map (the tissue map
     on the phantom, else the BraTS segmentation) and the tumour mask (segmentation > 0); None when the
     subject has neither (test subjects need no segmentation)."""
-    cut = lambda labels: label_stack(labels, cfg.data.n_slices, cfg.data.n_slices, cfg.data.crop)
+    n = cfg.test.n_slices or cfg.data.n_slices
+    cut = lambda labels: label_stack(labels, cfg.data.n_slices, n, cfg.data.crop)
     seg_path = root / name / f"{name}_{SEG}.nii.gz"
     seg = cut(load_labels(seg_path)) if seg_path.is_file() else None
     found = subject_labels(root, name)
@@ -200,7 +201,8 @@ def save_prediction(pred: torch.Tensor, root: Path, name: str, tr: Translation, 
     x, y, z = full.shape
     # centred fitting undoes the centre crop (or pad), background -1 -> 0: (S,1,crop,crop) -> (S,X,Y)
     volume = to_intensity(pad_or_crop(pred[:, 0].cpu().numpy(), (x, y)))
-    full[:, :, central_slices(z, len(volume))] = volume.transpose(1, 2, 0)  # (S,X,Y) -> (X,Y,S)
+    picked = np.arange(z)[central_slices(z, cfg.data.n_slices)][central_slices(cfg.data.n_slices, len(volume))]
+    full[:, :, picked] = volume.transpose(1, 2, 0)  # (S,X,Y) -> (X,Y,S), the slices of load_eval_stack
     via = "" if not tr.multi else "_via_" + "_".join(SEQUENCES[i] for i in tr.path[1:-1])
     path = out / "nifti" / name / f"{name}_{SEQUENCES[tr.tgt]}_from_{SEQUENCES[tr.src]}{via}.nii.gz"
     return save_like(full, source, path)

@@ -17,7 +17,7 @@ from vq.config import Config, DataConfig
 from vq.dataloader.brats import SliceCache, available_cpus
 from vq.dataloader.preprocess import center_crop_2d, central_slices, pad_or_crop
 from vq.dataloader.sampler import EpochSampler
-from vq.sequences import N_SEQ, available, missing, train_pair
+from vq.sequences import N_SEQ, train_pair
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +121,3 @@ def load_eval_stack(cache: SliceCache, name: str, seq: str | int, n: int | None 
     volume = cache.volume(name, seq)  # (n_slices, X, Y) float16
     picked = np.asarray(volume[central_slices(volume.shape[0], n or volume.shape[0])], dtype=np.float32)
     return torch.from_numpy(center_crop_2d(picked, cache.prep.crop))[:, None]
-
-
-def eval_pairs(subjects: list[tuple[str, int]], targets: str = "available") -> list[tuple[str, int, int]]:
-    """(name, source, target) for every available source and every `available` (validation)
-    or `missing` (test) target of each subject, source != target."""
-    pick = {"available": available, "missing": missing}[targets]
-    return [(name, src, tgt) for name, code in subjects for src in available(code) for tgt in pick(code)
-            if src != tgt]

@@ -7,7 +7,6 @@ synthesis tool applies the same steps to a user's own scans.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -35,17 +34,6 @@ class Preprocessing:
     @classmethod
     def from_config(cls, data: DataConfig) -> Preprocessing:
         return cls(percentile=data.percentile, n_slices=data.n_slices, crop=data.crop, cache_dtype=data.cache_dtype)
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> Preprocessing:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - names)
-        if unknown:
-            raise ValueError(f"unknown preprocessing setting {unknown[0]!r}; valid: {', '.join(sorted(names))}")
-        return cls(**raw)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     def cache_key(self) -> dict:
         """The settings that change cached slices (the crop is applied on reading, so it is not one)."""
