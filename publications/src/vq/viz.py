@@ -49,22 +49,25 @@ def plot_progress(log_csv: str | Path, out_png: str | Path) -> None:
 
 
 def plot_demo_curve(rows: list[dict], curves: dict[str, list[tuple[int, float, float]]], out_png: str | Path) -> None:
-    """Quality against training minutes (`vq.report`): validation brain PSNR along each run, and per
-    run the test scores (brain PSNR of model and copy, contrast error, share of tissue orders kept)."""
+    """Quality against training time (`vq.report`): validation brain PSNR along each run, and per run
+    the test scores (brain PSNR of model and copy, contrast error, share of tissue orders kept). The
+    x axis is wall minutes where every run logged them (`elapsed_s`), else training steps."""
+    timed = all(np.isfinite(r["minutes"]) for r in rows)
+    at = lambda step, minutes: minutes if timed else step  # noqa: E731
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for i, row in enumerate(rows):
-        color = f"C{i}"
-        points = [(m, p) for _, m, p in curves.get(row["run"], []) if np.isfinite(m)]
+        color, x = f"C{i}", at(row["steps"], row["minutes"])
+        points = [(at(s, m), p) for s, m, p in curves.get(row["run"], [])]
         if points:
             axes[0].plot(*zip(*points), "-", color=color, lw=1, alpha=0.6)
-        axes[0].plot(row["minutes"], row["psnr_brain"], "o", color=color, label=row["run"])
-        axes[0].plot(row["minutes"], row["copy_psnr_brain"], "x", color=color)
-        axes[1].plot(row["minutes"], row["contrast_error"], "o", color=color)
-        axes[2].plot(row["minutes"], row["tissue_order"], "o", color=color)
+        axes[0].plot(x, row["psnr_brain"], "o", color=color, label=row["run"])
+        axes[0].plot(x, row["copy_psnr_brain"], "x", color=color)
+        axes[1].plot(x, row["contrast_error"], "o", color=color)
+        axes[2].plot(x, row["tissue_order"], "o", color=color)
     titles = ("brain PSNR, dB (o test, x copy, line validation)", "contrast error (test)",
               "tissue order kept (test, share)")
     for ax, title in zip(axes, titles):
-        ax.set_xlabel("training minutes")
+        ax.set_xlabel("training minutes" if timed else "training steps")
         ax.set_title(title, fontsize=10)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
