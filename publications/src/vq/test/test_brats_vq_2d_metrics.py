@@ -33,7 +33,7 @@ from vq.labels import label_stack, load_labels, subject_labels
 from vq.metrics import LPIPSMetric
 from vq.nifti import ras_shape, save_like, to_intensity
 from vq.runtime import amp_dtype, resolve_device
-from vq.sequences import N_SEQ, SEG, SEQUENCES
+from vq.sequences import N_SEQ, SEG, SEQUENCES, subject_file
 from vq.viz import save_png, translation_figure
 
 log = logging.getLogger("test")
@@ -111,9 +111,9 @@ def eval_labels(root: Path, name: str, cfg) -> SubjectLabels | None:
     on the phantom, else the BraTS segmentation) and the tumour mask (segmentation > 0); None when the
     subject has neither (test subjects need no segmentation)."""
     cut = lambda labels: label_stack(labels, cfg.data.n_slices, cfg.data.n_slices, cfg.data.crop)
-    seg_path = root / name / f"{name}_{SEG}.nii.gz"
+    seg_path = root / name / subject_file(name, SEG, cfg.data.naming)
     seg = cut(load_labels(seg_path)) if seg_path.is_file() else None
-    found = subject_labels(root, name)
+    found = subject_labels(root, name, cfg.data.naming)
     if found is None:
         return None
     path, spec = found
@@ -123,7 +123,7 @@ def eval_labels(root: Path, name: str, cfg) -> SubjectLabels | None:
 
 def save_prediction(pred: torch.Tensor, root: Path, name: str, tr, cfg, out: Path) -> Path:
     """Paste the (S,1,crop,crop) prediction into the source file's full grid and geometry."""
-    source = nib.load(str(subject_files(root, name, [tr.src])[SEQUENCES[tr.src]]))  # the seg file is optional here
+    source = nib.load(str(subject_files(root, name, [tr.src], cfg.data.naming)[SEQUENCES[tr.src]]))  # the seg file is optional here
     full = np.zeros(ras_shape(source), dtype=np.float32)  # (X, Y, Z) in RAS, background 0
     x, y, z = full.shape
     # centred fitting undoes the centre crop (or pad), background -1 -> 0: (S,1,crop,crop) -> (S,X,Y)

@@ -170,7 +170,7 @@ def run(args) -> None:
     cache.ensure([name for name, _ in subjects])
 
     def truth(name: str) -> Tensor:  # (S, crop, crop) BraTS labels
-        labels = load_labels(subject_files(root, name, [SEG])[SEG])
+        labels = load_labels(subject_files(root, name, [SEG], cfg.data.naming)[SEG])
         return label_stack(labels, cfg.data.n_slices, cfg.data.n_slices, cfg.data.crop)
 
     support = pick_support(args.support, [name for name, _ in subjects], truth)
