@@ -99,7 +99,8 @@ def fuse(latents: list[torch.Tensor], weights: list[torch.Tensor] | None = None)
 
 def synthesize(translator: Translator, volumes: dict, targets, percentile: float = 99.0,
                normalized: bool = False) -> dict[int, np.ndarray]:
-    """Missing sequences of one subject from its available ones, all on one grid.
+    """Missing sequences of one subject from its available ones, all on one grid (sources on
+    different grids: `vq.grid` brings them onto one, as tools/synthesize.py does).
 
     volumes: {sequence name or index: (X, Y, Z) array} (raw intensities, or already in [-1, 1]
     with `normalized`); targets: sequence names or indices. Each source is encoded slice by
