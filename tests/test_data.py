@@ -456,3 +456,56 @@ def test_train_crop_must_fit_the_crop():
 
     with pytest.raises(ConfigError, match="data.train_crop"):
         load_config(REPO_ROOT / "publications/config/vq/demo_phantom_cpu.yaml", ["data.train_crop=200"])
+
+
+# --- BraSyn naming (data.naming: brasyn) ---
+
+@pytest.fixture
+def brasyn(brats, tmp_path):
+    """The same subjects in BraSyn naming: <case>/<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz, S0 -> BraTS-GLI-00000-000 ..."""
+    from vq.brasyn import to_brasyn_names
+
+    root = tmp_path / "brasyn"
+    to_brasyn_names(brats, root)
+    return root
+
+
+def test_brasyn_naming_reads_the_same_slices(brats, brasyn, tmp_path, cfg):
+    assert (brasyn / "BraTS-GLI-00002-000" / "BraTS-GLI-00002-000-t2f.nii.gz").is_file()
+    named = DataConfig(n_slices=8, crop=32, naming="brasyn")
+    assert SliceCache(tmp_path / "c1", brasyn, named, workers=0).ensure(["BraTS-GLI-00002-000"]) == ["BraTS-GLI-00002-000"]
+    SliceCache(tmp_path / "c2", brats, cfg, workers=0).ensure(["S2"])
+    for seq in SEQUENCES:
+        np.testing.assert_array_equal(SliceCache(tmp_path / "c1", brasyn, named).volume("BraTS-GLI-00002-000", seq),
+                                      SliceCache(tmp_path / "c2", brats, cfg).volume("S2", seq))
+    assert subject_files(brasyn, "BraTS-GLI-00002-000", ["seg"], "brasyn")["seg"].name == "BraTS-GLI-00002-000-seg.nii.gz"
+
+
+def test_the_wrong_naming_says_which_setting_to_use(brasyn, tmp_path, cfg):
+    with pytest.raises(BratsDataError, match=r"BraTS-GLI-00000-000_t1\.nii\.gz.*set data\.naming: brasyn"):
+        SliceCache(tmp_path / "cache", brasyn, cfg, workers=0).ensure(["BraTS-GLI-00000-000"])
+
+
+def test_naming_is_a_checked_config_key():
+    from vq.config import ConfigError, load_config
+
+    assert load_config(None).data.naming == "brats2021"
+    assert load_config(None, ["data.naming=brasyn"]).data.naming == "brasyn"
+    with pytest.raises(ConfigError, match="data.naming must be brats2021 or brasyn"):
+        load_config(None, ["data.naming=brats2023"])
+
+
+def test_a_model_trains_on_brasyn_named_data(brasyn, tmp_path, capsys):
+    from conftest import CONFIGS
+    from vq.train.train_brats_vq_seq2seq_2d import main as train
+
+    with pytest.raises(SystemExit, match="set data.naming: brasyn"):
+        make_data_list(["--root", str(brasyn), "-o", str(brasyn)])
+    make_data_list(["--root", str(brasyn), "-o", str(brasyn), "--naming", "brasyn"])
+    assert {name for name, _ in read_list(brasyn / "train.csv")} <= {p.name for p in brasyn.iterdir() if p.is_dir()}
+    overrides = [f"data.root={brasyn}", "data.naming=brasyn", f"data.cache_dir={tmp_path}/cache", f"out_dir={tmp_path}/run",
+                 "model.base_channels=4", "model.n_res=1", "model.n_kernels=2", "model.n_embed=16", "data.crop=32",
+                 "data.n_slices=8", "data.slices_per_subject=1", "data.num_workers=0", "train.batch_size=2",
+                 "train.val_slices=2", "train.lambda_per=0", "train.max_steps=1"]
+    assert train(["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set", *overrides]) == 0
+    assert (tmp_path / "run" / "ckpt_last.pth").is_file()

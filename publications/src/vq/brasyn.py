@@ -30,12 +30,10 @@ from vq.files import write_atomic
 from vq.inference import Translator, synthesize
 from vq.labels import load_labels
 from vq.nifti import NiftiError, load_volume, save_like, to_intensity
-from vq.sequences import SEQUENCES
+from vq.sequences import BRASYN_NAMES, SEQUENCES
 
 log = logging.getLogger(__name__)
 
-BRASYN_NAMES: dict[str, str] = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
-"""This project's sequence names -> BraSyn's file suffixes."""
 DROP_ORDER = ("t1c", "t1n", "t2f", "t2w")
 """The modality order of the challenge's random drop."""
 DROP_SEED = 123456

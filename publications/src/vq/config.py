@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from vq.sequences import SEQUENCES
+from vq.sequences import NAMINGS, SEQUENCES
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 """The repository root; relative paths in configs are resolved against it."""
@@ -31,6 +31,9 @@ class ConfigError(ValueError):
 class DataConfig:
     root: str = "data/phantom"
     """BraTS-layout folder: <root>/<ID>/<ID>_{t1,t1ce,t2,flair,seg}.nii.gz."""
+    naming: str = "brats2021"
+    """File names in each subject folder: `brats2021` (<ID>_t1.nii.gz ...) or `brasyn` (BraTS-GLI 2023:
+    <ID>-{t1n,t1c,t2w,t2f,seg}.nii.gz, t1n = t1, t1c = t1ce, t2w = t2, t2f = flair)."""
     lists: str | None = None
     """Folder with train.csv/valid.csv/test.csv; defaults to `root`."""
     missing: bool = True
@@ -296,6 +299,7 @@ def _validate(cfg: Config) -> None:
         (cfg.train.amp in AMP_MODES, "train.amp must be auto, bf16, fp16 or none"),
         (cfg.test.amp in AMP_MODES, "test.amp must be none, auto, bf16 or fp16"),
         (cfg.data.offsets in ("reference", "full"), "data.offsets must be reference or full"),
+        (cfg.data.naming in NAMINGS, f"data.naming must be {' or '.join(NAMINGS)}, got {cfg.data.naming!r}"),
         (cfg.data.cache_dtype in ("float16", "float32"), "data.cache_dtype must be float16 or float32"),
         (cfg.data.augment_mode in ("reference", "foreground"), "data.augment_mode must be reference or foreground"),
         (cfg.data.slices_per_subject >= 1, "data.slices_per_subject must be >= 1"),

@@ -29,7 +29,7 @@ from vq.inference import Translator
 from vq.labels import ContrastSpec, label_stack, load_labels, subject_labels
 from vq.metrics import LPIPSMetric, contrast_scores, lpips_volume, psnr, region_psnr, ssim3d_regions
 from vq.nifti import ras_shape, save_like, to_intensity
-from vq.sequences import DISPLAY_NAMES, N_SEQ, SEG, SEQUENCES, available, missing, path_name, seq_index
+from vq.sequences import DISPLAY_NAMES, N_SEQ, SEG, SEQUENCES, available, missing, path_name, seq_index, subject_file
 from vq.viz import save_png, translation_figure
 
 METRIC_COLUMNS = ["name", "src", "tgt", "psnr", "ssim", "lpips", "steps", "lpips_mean",
@@ -184,9 +184,9 @@ def eval_labels(root: Path, name: str, cfg: Config) -> SubjectLabels | None:
     subject has neither (test subjects need no segmentation)."""
     n = cfg.test.n_slices or cfg.data.n_slices
     cut = lambda labels: label_stack(labels, cfg.data.n_slices, n, cfg.data.crop)
-    seg_path = root / name / f"{name}_{SEG}.nii.gz"
+    seg_path = root / name / subject_file(name, SEG, cfg.data.naming)
     seg = cut(load_labels(seg_path)) if seg_path.is_file() else None
-    found = subject_labels(root, name)
+    found = subject_labels(root, name, cfg.data.naming)
     if found is None:
         return None
     path, spec = found
@@ -196,7 +196,7 @@ def eval_labels(root: Path, name: str, cfg: Config) -> SubjectLabels | None:
 
 def save_prediction(pred: torch.Tensor, root: Path, name: str, tr: Translation, cfg: Config, out: Path) -> Path:
     """Paste the (S,1,crop,crop) prediction into the source file's full grid and geometry."""
-    source = nib.load(str(subject_files(root, name, [tr.src])[SEQUENCES[tr.src]]))  # the seg file is optional here
+    source = nib.load(str(subject_files(root, name, [tr.src], cfg.data.naming)[SEQUENCES[tr.src]]))  # the seg file is optional here
     full = np.zeros(ras_shape(source), dtype=np.float32)  # (X, Y, Z) in RAS, background 0
     x, y, z = full.shape
     # centred fitting undoes the centre crop (or pad), background -1 -> 0: (S,1,crop,crop) -> (S,X,Y)

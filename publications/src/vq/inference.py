@@ -83,9 +83,24 @@ def from_slices(stack: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return stack[:, 0, : size[0], : size[1]].permute(1, 2, 0).cpu().numpy()
 
 
+def fuse(latents: list[torch.Tensor], weights: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """The fused latent: the mean of the sources' latents, [(S, D, h, w)] -> (S, D, h, w).
+
+    `weights` [(S, 1, h, w)] in [0, 1]: the share of each latent position a source's field of view
+    covers, so a source counts only where it was imaged; where none covers a position, the plain mean.
+    """
+    stacked = torch.stack(latents)  # (n_src, S, D, h, w)
+    if weights is None:
+        return stacked.mean(0)
+    weight = torch.stack(weights).to(stacked)  # (n_src, S, 1, h, w)
+    total = weight.sum(0)
+    return torch.where(total > 0, (stacked * weight).sum(0) / total.clamp_min(1e-6), stacked.mean(0))
+
+
 def synthesize(translator: Translator, volumes: dict, targets, percentile: float = 99.0,
                normalized: bool = False) -> dict[int, np.ndarray]:
-    """Missing sequences of one subject from its available ones, all on one grid.
+    """Missing sequences of one subject from its available ones, all on one grid (sources on
+    different grids: `vq.grid` brings them onto one, as tools/synthesize.py does).
 
     volumes: {sequence name or index: (X, Y, Z) array} (raw intensities, or already in [-1, 1]
     with `normalized`); targets: sequence names or indices. Each source is encoded slice by
@@ -98,5 +113,5 @@ def synthesize(translator: Translator, volumes: dict, targets, percentile: float
         data = volume if normalized else normalize(volume, percentile)
         stack, size = to_slices(data, multiple)
         latents.append(translator.encode(stack))  # (Z, D, X'/4, Y'/4)
-    fused = torch.stack(latents).mean(0)
+    fused = fuse(latents)
     return {seq_index(t): from_slices(translator.decode(fused, seq_index(t)), size) for t in targets}

@@ -15,6 +15,7 @@ import torch
 
 from vq.dataloader.preprocess import central_slices, pad_or_crop
 from vq.nifti import NiftiError
+from vq.sequences import subject_file
 
 BRATS_LABELS: dict[str, int] = {"necrosis": 1, "oedema": 2, "enhancing": 4}
 """BraTS tumour labels (0 = no tumour)."""
@@ -75,11 +76,11 @@ BRATS_CONTRAST = ContrastSpec(BRATS_LABELS, 0, "normal brain")
 """BraTS: the tumour compartments relative to the brain outside the tumour."""
 
 
-def subject_labels(root: str | Path, name: str) -> tuple[Path, ContrastSpec] | None:
+def subject_labels(root: str | Path, name: str, naming: str = "brats2021") -> tuple[Path, ContrastSpec] | None:
     """The label map the contrast metric uses for a subject: the phantom's tissue map where there is
     one, else the BraTS segmentation, else None (test subjects need no segmentation)."""
     tissue = tissue_file(root, name)
     if tissue is not None:
         return tissue, PHANTOM_CONTRAST
-    seg = Path(root) / name / f"{name}_seg.nii.gz"
+    seg = Path(root) / name / subject_file(name, "seg", naming)
     return (seg, BRATS_CONTRAST) if seg.is_file() else None

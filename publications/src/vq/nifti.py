@@ -34,6 +34,11 @@ class Volume:
     def affine(self) -> np.ndarray:
         return self.image.affine
 
+    @property
+    def ras_affine(self) -> np.ndarray:
+        """(4, 4) voxel index of `data` (RAS+ order) -> world mm."""
+        return self.image.affine @ nib.orientations.inv_ornt_aff(_to_ras(self.image), self.image.shape[:3])
+
 
 def load_volume(path: str | Path, *, dtype=np.float32) -> Volume:
     """Load a 3D NIfTI file, check it is finite and non-empty, reorient to RAS+.
@@ -51,7 +56,8 @@ def load_volume(path: str | Path, *, dtype=np.float32) -> Volume:
         raise NiftiError(f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})") from None
     data = np.squeeze(data)
     if data.ndim != 3:
-        raise NiftiError(f"{path}: expected a 3D volume, got shape {data.shape}")
+        hint = "" if data.ndim < 3 else "; take one volume out of the series first (e.g. fslroi)"
+        raise NiftiError(f"{path}: expected a 3D volume, got a {data.ndim}D image of shape {data.shape}{hint}")
     if not np.isfinite(data).all():
         raise NiftiError(f"{path}: volume contains NaN or Inf values")
     if not data.any():

@@ -112,7 +112,7 @@ def run(test: TestRun, seq: int, support: str | None = None, query_seq: int | No
     cfg, device = test.cfg, test.translator.device
 
     def truth(name: str) -> Tensor:  # (S, crop, crop) BraTS labels
-        labels = load_labels(subject_files(test.root, name, [SEG])[SEG])
+        labels = load_labels(subject_files(test.root, name, [SEG], cfg.data.naming)[SEG])
         return label_stack(labels, cfg.data.n_slices, cfg.data.n_slices, cfg.data.crop)
 
     support = pick_support(support, [name for name, _ in test.subjects], truth)

@@ -13,12 +13,25 @@ DISPLAY_NAMES: dict[str, str] = {"t1": "T1", "t1ce": "T1Gd", "t2": "T2", "flair"
 SEG = "seg"
 """BraTS label file suffix: 1 necrosis, 2 oedema, 4 enhancing tumour."""
 
+NAMINGS = ("brats2021", "brasyn")
+"""File naming of a subject folder <ID>/: BraTS2021 `<ID>_{t1,t1ce,t2,flair,seg}.nii.gz`, or BraSyn
+(BraTS 2023 on) `<ID>-{t1n,t1c,t2w,t2f,seg}.nii.gz`."""
+BRASYN_NAMES: dict[str, str] = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
+"""This project's sequence names -> BraSyn's file suffixes."""
+
 N_SEQ = len(SEQUENCES)
 CODES = range(1, 2**N_SEQ - 1)
 """Valid availability codes: at least one sequence present and at least one missing."""
 
 # Training "missing" setting: each subject keeps two neighbouring sequences (docs/method.md).
 TRAIN_PAIRS: tuple[tuple[int, int], ...] = ((0, 1), (1, 2), (2, 3))
+
+
+def subject_file(subject: str, kind: str, naming: str = "brats2021") -> str:
+    """The file name of a subject's sequence (by name) or segmentation (`seg`) under a naming of NAMINGS."""
+    if naming == "brasyn":
+        return f"{subject}-{BRASYN_NAMES.get(kind, kind)}.nii.gz"
+    return f"{subject}_{kind}.nii.gz"
 
 
 def seq_index(name: str | int) -> int:

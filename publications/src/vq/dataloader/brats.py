@@ -1,6 +1,7 @@
 """BraTS-layout subjects and the preprocessed slice cache.
 
-Layout (docs/method.md, "Data protocol"): `<root>/<ID>/<ID>_{t1,t1ce,t2,flair,seg}.nii.gz`.
+Layout (docs/method.md, "Data protocol"): `<root>/<ID>/<ID>_{t1,t1ce,t2,flair,seg}.nii.gz`, or with
+`data.naming: brasyn` BraSyn's `<root>/<ID>/<ID>-{t1n,t1c,t2w,t2f,seg}.nii.gz` (`vq.sequences.subject_file`).
 
 Training reads one random axial slice at a time. Decompressing a 240x240x155
 `.nii.gz` for each slice would cost ~100x more than the slice, so each
@@ -45,7 +46,7 @@ from vq import nifti
 from vq.config import DataConfig
 from vq.dataloader.preprocess import Preprocessing, central_slices, normalize
 from vq.files import write_atomic
-from vq.sequences import SEG, SEQUENCES, seq_index
+from vq.sequences import NAMINGS, SEG, SEQUENCES, seq_index, subject_file
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +93,15 @@ def _kind(kind: str | int) -> str:
     return SEG if kind == SEG else SEQUENCES[seq_index(kind)]
 
 
-def subject_files(root: str | Path, name: str, kinds: Iterable[str | int] = FILE_KINDS) -> dict[str, Path]:
+def subject_files(root: str | Path, name: str, kinds: Iterable[str | int] = FILE_KINDS,
+                  naming: str = "brats2021") -> dict[str, Path]:
     """Paths of a subject's files by kind (`t1` ... `seg`); `.nii.gz`, or `.nii` if only that exists."""
     folder = Path(root) / name
     if not folder.is_dir():
         raise BratsDataError(f"subject {name}: folder {folder} not found")
     files, missing = {}, []
     for kind in map(_kind, kinds):
-        path = folder / f"{name}_{kind}.nii.gz"
+        path = folder / subject_file(name, kind, naming)
         if not path.is_file() and path.with_suffix("").is_file():
             path = path.with_suffix("")
         if path.is_file():
@@ -107,7 +109,9 @@ def subject_files(root: str | Path, name: str, kinds: Iterable[str | int] = FILE
         else:
             missing.append(str(path))
     if missing:
-        raise BratsDataError(f"subject {name}: missing file {', '.join(missing)}")
+        other = next((n for n in NAMINGS if n != naming and (folder / subject_file(name, SEQUENCES[0], n)).is_file()), None)
+        hint = f" (the folder's files are named as in {other}: set data.naming: {other})" if other else ""
+        raise BratsDataError(f"subject {name}: missing file {', '.join(missing)}{hint}")
     return files
 
 
@@ -132,9 +136,9 @@ def _check_shapes(name: str, shapes: Mapping[str, tuple]) -> None:
 
 
 def load_subject(root: str | Path, name: str, seqs: Iterable[str | int] = SEQUENCES,
-                 percentile: float = 99.0, n_slices: int = 128) -> np.ndarray:
+                 percentile: float = 99.0, n_slices: int = 128, naming: str = "brats2021") -> np.ndarray:
     """Normalised central slices of a subject's sequences -> (n_seq, X, Y, n_slices) float32."""
-    files = subject_files(root, name, seqs)
+    files = subject_files(root, name, seqs, naming)
     volumes = {path.name: _read(path, name, percentile, n_slices) for path in files.values()}
     _check_shapes(name, {file: shape for file, (_, shape) in volumes.items()})
     return np.stack([slices for slices, _ in volumes.values()])
@@ -175,6 +179,7 @@ class SliceCache:
                  workers: int | None = None):
         self.root = Path(root).resolve()
         self.prep = cfg if isinstance(cfg, Preprocessing) else Preprocessing.from_config(cfg)
+        self.naming = "brats2021" if isinstance(cfg, Preprocessing) else cfg.naming
         key = json.dumps({"root": str(self.root), **self.prep.cache_key()}, sort_keys=True)
         tag = hashlib.sha1(key.encode()).hexdigest()[:8]
         self.dir = Path(cache_dir) / f"{self.root.name}-{tag}"
@@ -250,7 +255,7 @@ class SliceCache:
         jobs, kept = [], {}
         for name, seqs in wanted.items():
             try:
-                files = subject_files(self.root, name, seqs)
+                files = subject_files(self.root, name, seqs, self.naming)
             except BratsDataError as err:
                 bad[name] = str(err)
                 continue
