@@ -276,8 +276,9 @@ def summary_markdown(summary: list[dict]) -> str:
     brain = _table(summary, lambda e: (f"{_fmt(e['psnr_brain'], '.1f')} / {_fmt(e['ssim_brain'], '.3f')} / "
                                        f"{_fmt(e['contrast_error'], '.3f')} / {_fmt(e['tissue_order'], '.0%')}"),
                    "PSNR / SSIM / contrast error / order kept")
-    note = ("\nMeans over test subjects. Whole image: PSNR and SSIM with data range 2 on the stack of central slices "
-            "(128 x 192 x 192 in the paper; fewer with test.n_slices) in [-1, 1], as in the paper's Table 1; LPIPS is the per-volume SUM over slices (AlexNet, v0.1); "
+    note = ("\nMeans over test subjects. Whole image: PSNR and SSIM with data range 2 on the stack of central "
+            "slices (128 x 192 x 192 in the paper; fewer with test.n_slices) in [-1, 1], as in the paper's Table 1; "
+            "LPIPS is the per-volume SUM over slices (AlexNet, v0.1); "
             "`lpips_mean` in result_metrics.csv is the per-slice mean. Most of a stack is background, so the "
             "whole-image numbers also reward a smooth brain-shaped blur. Brain: PSNR over the real target's "
             "brain voxels and the SSIM map averaged over them; contrast error: mean absolute difference "
