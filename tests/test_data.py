@@ -451,11 +451,15 @@ def test_train_crop_is_drawn_inside_the_centred_crop():
     assert (min(xs), max(xs), min(ys), max(ys)) == (24, 24 + 95, 24, 24 + 95)
 
 
-def test_train_crop_must_fit_the_crop():
+def test_train_crop_not_below_the_crop_is_the_crop_and_must_suit_the_network():
     from vq.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="data.train_crop"):
-        load_config(REPO_ROOT / "publications/config/vq/demo_phantom_cpu.yaml", ["data.train_crop=200"])
+        load_config(REPO_ROOT / "publications/config/vq/demo_phantom_cpu.yaml", ["data.train_crop=66"])
+    volume = np.zeros((4, 40, 40), np.float32)
+    dataset = PairDataset(type("Volumes", (), {"volume": lambda self, n, s: volume})(), [("S0", 3)],
+                          DataConfig(crop=32, train_crop=64), seed=0)
+    assert dataset[0]["src"].shape == (1, 32, 32)
 
 
 # --- BraSyn naming (data.naming: brasyn) ---

@@ -144,7 +144,7 @@ def evaluate(test: TestRun, lpips: LPIPSMetric | None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     rows, baseline, contrast = [], [], []
     for name, code in tqdm(test.subjects, desc="subjects", dynamic_ncols=True):
-        stacks = {s: load_eval_stack(test.cache, name, s, cfg.test.n_slices) for s in range(N_SEQ)}  # (S,1,crop,crop)
+        stacks = {s: load_eval_stack(test.cache, name, s, n_test_slices(cfg)) for s in range(N_SEQ)}  # (S,1,crop,crop)
         labels = eval_labels(test.root, name, cfg)
         memo = {}  # latents and intermediate stacks shared by this subject's translations
         copy_scores = {}  # (src, tgt) -> the copy baseline's scores, shared by single and multi-step rows
@@ -178,12 +178,16 @@ def evaluate(test: TestRun, lpips: LPIPSMetric | None) -> list[dict]:
     return summary
 
 
+def n_test_slices(cfg: Config) -> int:
+    """Central slices evaluated per volume: all `data.n_slices`, or fewer with test.n_slices."""
+    return min(cfg.test.n_slices or cfg.data.n_slices, cfg.data.n_slices)
+
+
 def eval_labels(root: Path, name: str, cfg: Config) -> SubjectLabels | None:
     """The subject's label stacks, cut like the image stacks: the contrast metric's map (the tissue map
     on the phantom, else the BraTS segmentation) and the tumour mask (segmentation > 0); None when the
     subject has neither (test subjects need no segmentation)."""
-    n = cfg.test.n_slices or cfg.data.n_slices
-    cut = lambda labels: label_stack(labels, cfg.data.n_slices, n, cfg.data.crop)
+    cut = lambda labels: label_stack(labels, cfg.data.n_slices, n_test_slices(cfg), cfg.data.crop)
     seg_path = root / name / subject_file(name, SEG, cfg.data.naming)
     seg = cut(load_labels(seg_path)) if seg_path.is_file() else None
     found = subject_labels(root, name, cfg.data.naming)
