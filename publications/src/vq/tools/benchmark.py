@@ -93,20 +93,21 @@ def main(argv=None) -> int:
 
 
 def compare(args, configs: list, device: torch.device, amp: torch.dtype | None) -> int:
+    out = args.json or REPO_ROOT / "asset" / "benchmarks" / f"modes-{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     records, notes = [], []
     for path, cfg in zip(args.config, configs):
         record, more = compare_modes(cfg, Path(path).name, device, amp, args.batches or [cfg.train.batch_size],
                                      args.steps, args.warmup)
         records.append(record)
         notes += [n for n in more if n not in notes]
-    out = args.json or REPO_ROOT / "asset" / "benchmarks" / f"modes-{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"records": records, "notes": notes}, indent=1))
-    first = records[0]
-    table = "\n".join([f"{first['device']} | {first['cpu']} | torch {first['torch']}, {first['threads']} threads, "
-                       f"{first['amp']} | --steps {args.steps} --warmup {args.warmup}", "", modes_table(records), "",
-                       *[f"note: {n}" for n in notes]])
-    out.with_suffix(".md").write_text(table + "\n")
+        # written after each config: a long run on a slow machine keeps what it measured
+        out.write_text(json.dumps({"records": records, "notes": notes}, indent=1))
+        first = records[0]
+        table = "\n".join([f"{first['device']} | {first['cpu']} | torch {first['torch']}, {first['threads']} "
+                           f"threads, {first['amp']} | --steps {args.steps} --warmup {args.warmup}", "",
+                           modes_table(records), "", *[f"note: {n}" for n in notes]])
+        out.with_suffix(".md").write_text(table + "\n")
     print(table)
     log.info("wrote %s and %s", out, out.with_suffix(".md"))
     return 0
