@@ -123,9 +123,9 @@ def test_seq2seq_ablation_has_no_quantizer():
 def test_codebook_usage_perplexity():
     vq = VectorQuantizer(n_embed=8, embed_dim=2)
     uniform = vq.codebook_usage(torch.arange(8).repeat(10))
-    assert uniform["perplexity"] == pytest.approx(8) and uniform["usage"] == 1
+    assert uniform["perplexity"].item() == pytest.approx(8) and uniform["usage"].item() == 1
     collapsed = vq.codebook_usage(torch.full((80,), 3))
-    assert collapsed["perplexity"] == pytest.approx(1) and collapsed["usage"] == 1 / 8
+    assert collapsed["perplexity"].item() == pytest.approx(1) and collapsed["usage"].item() == 1 / 8
 
 
 def test_bf16_autocast_forward_keeps_quantizer_in_fp32(model):

@@ -1,7 +1,9 @@
-"""Speed tooling: bf16 training agrees with fp32, and the benchmark runs end to end."""
+"""Speed: bf16 training agrees with fp32, the training step never waits for the device between log
+rows, compiles as one graph and agrees with eager, and the benchmarks run end to end."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import subprocess
@@ -9,18 +11,20 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import CONFIGS, tiny_overrides
 from vq import runtime
-from vq.bench import train_then_validate
+from vq.bench import full_recipe, synthetic_batch
 from vq.config import load_config
 from vq.dataloader.brats import SliceCache
 from vq.dataloader.datasets import load_eval_stack
 from vq.dataloader.lists import read_list
 from vq.models import build_model
 from vq.sequences import N_SEQ, SEQUENCES, train_pair
+from vq.tools.amp_check import train_then_validate
 from vq.tools.benchmark import main as benchmark_main
-from vq.training import validate
+from vq.training import build_training, read_stats, train_step, validate
 
 JSON_KEYS = {"device", "cpu", "config", "peak_tflops", "flops_per_slice", "reference_mode", "train", "infer",
              "data_wait_share"}
@@ -41,8 +45,8 @@ def test_bf16_training_agrees_with_fp32(phantom_dir, tmp_path):
     """Same seed, same batches: bf16-autocast and fp32 training reach the same validation PSNR.
 
     A tiny model, 150 steps on the central slices of the three training subjects
-    (centre crop 64, the crop validation uses; the issue asks for 300 steps,
-    which `benchmark.py --amp-check 300` runs on the training loader), validated
+    (centre crop 64, the crop validation uses; `tools/amp_check.py --steps 300`
+    runs 300 steps on a config's training loader), validated
     on the other three subjects. The two runs of a seed drift apart as training
     goes on, so their gap is partly chance: over five seeds it had std ~0.11 dB
     (at most 0.15 dB) here, against a seed-to-seed spread of ~0.4 dB; the mean
@@ -149,3 +153,162 @@ def test_memory_mode_returns_freed_blocks_to_the_os():
 
     assert grown("off") > 350  # the default keeps the holes: the test can tell
     assert grown("on") < 250
+
+
+# ----------------------------------------------------------------------------- no host sync, one graph
+TINY = ["model.base_channels=4", "model.n_res=1", "model.n_kernels=2", "model.n_embed=16", "data.crop=32",
+        "train.batch_size=2", "train.pretrain_epochs_contrast=-1", "train.pretrain_epochs_rand=-1"]
+"""The demo config's recipe with every term on from epoch 0 (contrast, sampling, domain augmentation,
+codebook restarts, the degenerate-input skip), on a tiny model."""
+
+
+def tiny_demo(*overrides: str):
+    cfg = load_config(CONFIGS / "demo_phantom_cpu.yaml", TINY + list(overrides))
+    return cfg, synthetic_batch(cfg, cfg.train.batch_size, torch.device("cpu")), full_recipe(cfg)
+
+
+class HostReads(TorchDispatchMode):
+    """Records every op that makes the host wait for a tensor's value (on CUDA: a sync): reading a
+    value (.item(), bool(), float()) and ops whose output size depends on the values. `allowed`
+    returns the tensors that may be read: AdamW on CPU reads its step count, a CPU tensor
+    (on CUDA the optimizer is capturable and reads nothing)."""
+
+    SYNCING = {"aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2", "aten::unique_dim",
+               "aten::unique_consecutive", "aten::masked_select", "aten::bincount"}
+    INDEXING = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
+
+    def __init__(self, allowed):
+        super().__init__()
+        self.allowed, self.reads = allowed, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        indices = args[1] if name in self.INDEXING else []  # x[mask], x[mask] = y: nonzero inside
+        masked = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+        if (name in self.SYNCING or masked) and not any(args[0] is t for t in self.allowed()):
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_training_step_never_waits_for_the_device(monkeypatch):
+    """Between two reads of the statistics (`read_stats`, every train.log_every steps) a training
+    step reads no tensor on the host: not its losses, not the non-finite guard, not the skip check,
+    not the codebook statistics or restarts, not the target codes."""
+    cfg, batch, phase = tiny_demo()
+    assert cfg.train.skip_degenerate and cfg.model.restart_after > 0 and phase.domain_aug and phase.contrast
+    run = build_training(cfg, torch.device("cpu"))
+    listed = []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self, real=torch.Tensor.tolist: listed.append(1) or real(self))
+
+    def adam_steps():
+        return [state["step"] for state in run.optimizer.state.values()]
+
+    with HostReads(adam_steps) as mode:
+        for _ in range(3):
+            train_step(run, batch, phase)
+    assert mode.reads == [] and listed == []
+    step, skipped, stats = read_stats(run)
+    assert (step, skipped) == (3, 0) and len(listed) == 2  # one read: counts and statistics
+    assert {"loss", "l1", "ssim", "vq", "con", "perplexity", "usage"} <= set(stats)
+
+
+def test_a_degenerate_batch_is_undone_on_the_device():
+    """With train.skip_degenerate, an empty input's step runs (no host check) and is then undone:
+    weights, codebook counters and AdamW's state are bit-identical, the step counts as skipped."""
+    cfg, batch, phase = tiny_demo()
+    run = build_training(cfg, torch.device("cpu"))
+    train_step(run, batch, phase)
+    before = [t.clone() for t in [*run.model.state_dict().values(), *_adam_state(run)]]
+    empty = {**batch, "src": torch.full_like(batch["src"], -1.0)}
+    train_step(run, empty, phase)
+    after = [*run.model.state_dict().values(), *_adam_state(run)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert read_stats(run)[:2] == (1, 1)
+
+
+def _adam_state(run):
+    return [v for state in run.optimizer.state.values() for v in state.values()]
+
+
+def test_a_non_finite_loss_is_reported_with_its_step(monkeypatch):
+    """The non-finite guard is checked where the statistics are read and names the step."""
+    from vq.training import Recipe
+
+    cfg, batch, phase = tiny_demo("train.skip_degenerate=false")
+    run = build_training(cfg, torch.device("cpu"))
+    calls = []
+    real = Recipe.forward
+
+    def third_is_nan(self, *args):
+        loss, stats, ok = real(self, *args)
+        calls.append(1)
+        return (loss * float("nan"), stats, ok) if len(calls) == 3 else (loss, stats, ok)
+
+    monkeypatch.setattr(Recipe, "forward", third_is_nan)
+    for _ in range(4):
+        train_step(run, batch, phase)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 3"):
+        read_stats(run)
+
+
+@pytest.mark.slow
+def test_training_step_and_inference_compile_as_one_graph():
+    """torch._dynamo.explain of the full-recipe forward (backward follows through AOTAutograd) and of
+    inference: one graph each, no graph break."""
+    cfg, batch, phase = tiny_demo("train.lambda_per=0")
+    run = build_training(cfg, torch.device("cpu"))
+    explained = torch._dynamo.explain(run.recipe)(batch["src"], batch["tgt"], batch["src_idx"],
+                                                  batch["tgt_idx"], phase)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    model = run.model.eval()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(batch["src"], model.target_code(2))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def aot_eager(monkeypatch):
+    """torch.compile through dynamo and AOTAutograd (the graph capture, functionalisation and the
+    compiled backward of train.compile) without inductor's C++ code generation, which took 15 min
+    for the tiny model on the project's busy 2-core machine; the benchmark measures inductor."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+
+
+@pytest.mark.slow
+def test_compiled_and_eager_steps_agree(monkeypatch):
+    """train.compile (fullgraph) against eager on the same draws: the loss within 1e-5 relative, the
+    whole gradient within 1e-5 relative (measured 9e-7: the compiled graph sums in another order)."""
+    aot_eager(monkeypatch)
+
+    def loss_and_grads(compile: bool):
+        cfg, batch, phase = tiny_demo(f"train.compile={compile}")
+        run = build_training(cfg, torch.device("cpu"))
+        torch.manual_seed(1)
+        loss, _, _ = run.loss_fn(batch["src"], batch["tgt"], batch["src_idx"], batch["tgt_idx"], phase)
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in run.model.parameters() if p.grad is not None])
+
+    torch._dynamo.reset()
+    (eager_loss, eager_grad), (loss, grad) = loss_and_grads(False), loss_and_grads(True)
+    assert torch.allclose(loss, eager_loss, rtol=1e-5)
+    assert (grad - eager_grad).norm() <= 1e-5 * eager_grad.norm()
+
+
+@pytest.mark.slow
+def test_mode_benchmark_writes_its_json_on_cpu(tmp_path, monkeypatch):
+    """The eager / compiled / CUDA-graph benchmark runs end to end with -d cpu; the CUDA-graph rows are
+    skipped there with a note."""
+    aot_eager(monkeypatch)
+    out = tmp_path / "modes.json"
+    code = benchmark_main(["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--compare",
+                           "--batches", "1", "2", "--steps", "1", "--warmup", "0", "--json", str(out),
+                           "--set", *TINY])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert any("graphed: skipped" in note for note in result["notes"])
+    (record,) = result["records"]
+    assert set(record["batches"]) == {"1", "2"}
+    for entry in record["batches"].values():
+        for task in ("train", "infer"):
+            assert set(entry[task]) == {"eager", "compiled"}
+            assert all(m["slices_per_s"] > 0 and m["first_call_s"] > 0 for m in entry[task].values())
+    assert "| demo_phantom_cpu.yaml | 2 | train | compiled |" in out.with_suffix(".md").read_text()

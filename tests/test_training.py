@@ -40,11 +40,11 @@ def test_a_few_hundred_steps_reduce_the_reconstruction_loss(phantom_dir, tmp_pat
     idx_i, idx_j = torch.full((2,), i), torch.full((2,), j)
     l1 = []
     for _ in range(200):
-        loss, stats = recipe(src, tgt, idx_i, idx_j, epoch=0)
+        loss, stats, _ = recipe(src, tgt, idx_i, idx_j, Phase.at(cfg, 0))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        l1.append(stats["l1"])
+        l1.append(stats["l1"].item())
     first, last = sum(l1[:10]) / 10, sum(l1[-10:]) / 10
     assert last < 0.5 * first, (first, last)
 
@@ -206,7 +206,8 @@ def test_a_killed_run_resumes_to_the_same_end(trained_run, phantom_dir, tmp_path
 def _one_step(phantom_dir, tmp_path, override: str, batch_size: int = 2):
     """Loss and gradients of one full-recipe step of a tiny paper-config model (fixed seeds) under `override`;
     also the model and the VGG19 the Recipe was given."""
-    from vq.bench import full_recipe_epoch, synthetic_batch
+    from vq.bench import full_recipe, synthetic_batch
+    from vq.runtime import apply_speed_switches
     from vq.losses import PerceptualLoss
 
     cfg = load_config(CONFIGS / "vqseq2seq_brats_2d_missing_3_256.yaml", tiny_overrides(phantom_dir, tmp_path)
@@ -214,12 +215,13 @@ def _one_step(phantom_dir, tmp_path, override: str, batch_size: int = 2):
     torch.manual_seed(0)
     model = build_model(cfg.model)
     perceptual = PerceptualLoss(pretrained=False, allow_random=True)
+    apply_speed_switches(cfg.train.checkpointing, cfg.train.channels_last, model, perceptual)
     recipe = Recipe(model, cfg, perceptual)
     batch = synthetic_batch(cfg, batch_size, torch.device("cpu"))
     layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format  # as the script feeds it
     src, tgt = (batch[k].contiguous(memory_format=layout) for k in ("src", "tgt"))
     torch.manual_seed(1)  # the same augmentation, sampling and domain-augmentation draws
-    loss, _ = recipe(src, tgt, batch["src_idx"], batch["tgt_idx"], epoch=full_recipe_epoch(cfg))
+    loss, _, _ = recipe(src, tgt, batch["src_idx"], batch["tgt_idx"], full_recipe(cfg))
     loss.backward()
     grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     return loss.detach(), grads, model, perceptual
@@ -236,7 +238,7 @@ def test_activation_checkpointing_changes_memory_not_the_result(phantom_dir, tmp
 
 
 def test_channels_last_keeps_the_result(phantom_dir, tmp_path):
-    """train.channels_last: the Recipe converts the model (5-D hyper-conv banks stay as they are) and VGG19;
+    """train.channels_last: `apply_speed_switches` converts the model (5-D hyper-conv banks stay as they are) and VGG19;
     the loss and gradients are those of the default layout."""
     loss_a, grads_a, _, _ = _one_step(phantom_dir, tmp_path, "train.channels_last=false")
     loss_b, grads_b, model, perceptual = _one_step(phantom_dir, tmp_path, "train.channels_last=true")
@@ -327,3 +329,29 @@ def test_the_training_loop_skips_a_degenerate_step(phantom_dir, tmp_path, monkey
     assert len(drawn) == 4 and state["step"] == 3  # 4 batches drawn for 3 steps
     assert (state["epoch"], state["in_epoch"]) == (1, 1)  # 3 batches per epoch: the 4th opens epoch 1
     assert read_log(run)[3]["skipped"] == "1"
+
+
+def test_the_step_equals_the_grouped_decoder_it_replaced():
+    """Per-sample hyper-conv kernels (one grouped convolution, no grouping by code on the host) give
+    the loss of the decoder that grouped the batch by target code and ran one convolution per group:
+    values pinned from that implementation on fixed seeds (tiny paper-config model, three pairs, VQC
+    sampling and the contrastive term on; domain augmentation off: its draws changed)."""
+    from vq.bench import synthetic_batch
+    from vq.losses import PerceptualLoss
+
+    cfg = load_config(CONFIGS / "vqseq2seq_brats_2d_missing_3_256.yaml",
+                      ["model.base_channels=4", "model.n_res=1", "model.n_kernels=2", "model.n_embed=16",
+                       "data.crop=32", "train.domain_aug=false", "train.lambda_per=0.1"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    recipe = Recipe(model, cfg, PerceptualLoss(pretrained=False, allow_random=True))
+    batch = synthetic_batch(cfg, 3, torch.device("cpu"))
+    assert len({*batch["src_idx"].tolist(), *batch["tgt_idx"].tolist()}) == 4  # four codes in the decode
+    torch.manual_seed(1)
+    loss, stats, _ = recipe(batch["src"], batch["tgt"], batch["src_idx"], batch["tgt_idx"], Phase.at(cfg, 201))
+    loss.backward()
+    grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert loss.item() == pytest.approx(149.35682678222656, rel=1e-6)
+    assert stats["vq"].item() == pytest.approx(6.894572734832764, rel=1e-6)
+    assert grad.norm().item() == pytest.approx(6683.466796875, rel=1e-5)
+    assert grad.abs().sum().item() == pytest.approx(343199.375, rel=1e-5)

@@ -11,12 +11,11 @@ The pieces of `vq/tools/benchmark.py`, importable so that tests run them:
 - `reference_step_rate`: the reference's way to train, fp32 and batch 1, each
   step reading the subject's gzipped NIfTI volumes and normalising them.
 - `data_wait_share`: share of a real training loop spent waiting for the DataLoader.
-- `train_then_validate` / `amp_check`: train from one seed in fp32 and in mixed
-  precision on the same batches, validate both.
 
 Timed steps run on a synthetic brain-like batch (a textured ellipse on the -1
-background) so that they need no data; only the reference mode, the data loop
-and the mixed-precision check read the data of the config.
+background) so that they need no data; only the reference mode and the data loop
+read the data of the config. The training step is the training script's own
+(`vq.training.build_training` and `train_step`).
 """
 from __future__ import annotations
 
@@ -25,7 +24,6 @@ import logging
 import math
 import resource
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,15 +33,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vq.config import Config, resolve_path
 from vq.dataloader.brats import SliceCache, load_subject
-from vq.dataloader.datasets import load_eval_stack, make_train_loader, train_sequences
+from vq.dataloader.datasets import make_train_loader, train_sequences
 from vq.dataloader.lists import read_list
 from vq.dataloader.preprocess import pad_or_crop
 from vq.evaluation import Translator
 from vq.losses import PerceptualLoss
 from vq.models import build_model
-from vq.runtime import cpu_name, seed_everything, to_channels_last
-from vq.sequences import N_SEQ, TRAIN_PAIRS, available
-from vq.training import Phase, Recipe, make_optimizer, poly_lr, validate
+from vq.runtime import autocast, capture_cuda_graph, cpu_name, seed_everything, to_channels_last
+from vq.sequences import TRAIN_PAIRS
+from vq.training import Phase, build_training, read_stats, train_step
 from vq.weights import MissingWeightsError
 
 log = logging.getLogger(__name__)
@@ -60,9 +58,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def full_recipe_epoch(cfg: Config) -> int:
-    """The first epoch at which every term of the recipe the config switches on is active."""
-    return max(cfg.train.pretrain_epochs_contrast, cfg.train.pretrain_epochs_rand) + 1  # phases start after
+def full_recipe(cfg: Config) -> Phase:
+    """The phase of the first epoch at which every term of the recipe the config switches on is active."""
+    return Phase.at(cfg, max(cfg.train.pretrain_epochs_contrast, cfg.train.pretrain_epochs_rand) + 1)
 
 
 def perceptual_for(cfg: Config, device: torch.device) -> tuple[PerceptualLoss | None, str]:
@@ -104,21 +102,6 @@ def synthetic_batch(cfg: Config, batch: int, device: torch.device, seed: int = 0
 
 def _memory_format(cfg: Config) -> torch.memory_format:
     return torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-
-
-def make_trainer(cfg: Config, device: torch.device, perceptual: PerceptualLoss | None):
-    """A fresh model (seeded), its recipe and optimizer, as the training script builds them."""
-    seed_everything(cfg.seed)
-    model = build_model(cfg.model).to(device).train()  # the Recipe puts it in channels_last if configured
-    return model, Recipe(model, cfg, perceptual), make_optimizer(model, cfg)
-
-
-def train_step(recipe: Recipe, optimizer, batch: dict, epoch: int, amp: torch.dtype | None) -> dict:
-    loss, stats = recipe(batch["src"], batch["tgt"], batch["src_idx"], batch["tgt_idx"], epoch=epoch, amp=amp)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return stats
 
 
 # ----------------------------------------------------------------------------- memory
@@ -171,19 +154,21 @@ class PeakMemory:
 # ----------------------------------------------------------------------------- timing
 def time_train(cfg: Config, device: torch.device, amp: torch.dtype | None, perceptual: PerceptualLoss | None,
                steps: int, warmup: int) -> Speed:
-    """Full training steps (recipe + backward + AdamW) at the config's crop and train.batch_size."""
-    model, recipe, optimizer = make_trainer(cfg, device, perceptual)
+    """Full training steps (`vq.training.train_step`: recipe, backward, AdamW) at the config's crop and
+    train.batch_size, set up by `build_training` as the training script does (train.compile included)."""
+    run = build_training(cfg, device, perceptual=perceptual, amp=amp)
     batch = synthetic_batch(cfg, cfg.train.batch_size, device)
     batch.update({k: batch[k].contiguous(memory_format=_memory_format(cfg)) for k in ("src", "tgt")})
-    epoch = full_recipe_epoch(cfg)
-    step_fn = torch.compile(recipe) if cfg.train.compile else recipe  # as the training script does
+    phase = full_recipe(cfg)
     for _ in range(warmup):
-        train_step(step_fn, optimizer, batch, epoch, amp)
+        train_step(run, batch, phase)
+    read_stats(run)
     with PeakMemory(device) as mem:
         sync(device)
         tic = time.perf_counter()
         for _ in range(steps):
-            train_step(step_fn, optimizer, batch, epoch, amp)
+            train_step(run, batch, phase)
+        read_stats(run)
         sync(device)
         seconds = time.perf_counter() - tic
     return Speed(steps * cfg.train.batch_size / seconds, mem.mb)
@@ -219,7 +204,8 @@ def count_flops(cfg: Config, device: torch.device, perceptual: PerceptualLoss | 
     replaced by B/2 translations at the inference cost. The optimizer step is
     elementwise and not counted, as FlopCounterMode counts matmuls and convs.
     """
-    model, recipe, _ = make_trainer(cfg, device, perceptual)
+    run = build_training(cfg, device, perceptual=perceptual)
+    model = run.model
     infer = synthetic_batch(cfg, 1, device)["src"]
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(infer, 0)
@@ -229,12 +215,12 @@ def count_flops(cfg: Config, device: torch.device, perceptual: PerceptualLoss | 
     batch = synthetic_batch(cfg, batch_size, device)
     augmented: list[int] = []
     hook = model.register_forward_hook(lambda module, args, out: augmented.append(len(args[0])))
-    epoch = full_recipe_epoch(cfg)
+    phase = full_recipe(cfg)
     with FlopCounterMode(display=False) as counter:
-        loss, _ = recipe(batch["src"], batch["tgt"], batch["src_idx"], batch["tgt_idx"], epoch=epoch)
+        loss, _, _ = run.recipe(batch["src"], batch["tgt"], batch["src_idx"], batch["tgt_idx"], phase)
         loss.backward()
     hook.remove()
-    expected = batch_size / 2 if Phase.at(cfg, epoch).domain_aug else 0
+    expected = batch_size / 2 if phase.domain_aug else 0
     train = counter.get_total_flops() + (expected - sum(augmented)) * per_translation
     return {"train": train / batch_size, "infer": float(per_translation)}
 
@@ -295,9 +281,9 @@ def reference_step_rate(cfg: Config, device: torch.device, perceptual: Perceptua
     if rows is None:
         return None
     root, data = resolve_path(cfg.data.root), cfg.data
-    _, recipe, optimizer = make_trainer(cfg, device, perceptual)
+    run = build_training(cfg, device, perceptual=perceptual)
     rng = np.random.default_rng(cfg.seed)
-    epoch = full_recipe_epoch(cfg)
+    phase = full_recipe(cfg)
 
     def step(k: int) -> None:
         name, code = rows[k % len(rows)]
@@ -309,7 +295,8 @@ def reference_step_rate(cfg: Config, device: torch.device, perceptual: Perceptua
         src, tgt = torch.from_numpy(np.ascontiguousarray(images)).to(device)[:, None].chunk(2)  # (1,1,crop,crop)
         batch = {"src": src, "tgt": tgt, "src_idx": torch.tensor(pair[:1], device=device),
                  "tgt_idx": torch.tensor(pair[1:], device=device)}
-        train_step(recipe, optimizer, batch, epoch, None)
+        train_step(run, batch, phase)
+        read_stats(run)  # the reference reads its losses every step
 
     for k in range(warmup):
         step(k)
@@ -321,7 +308,7 @@ def reference_step_rate(cfg: Config, device: torch.device, perceptual: Perceptua
     return steps / (time.perf_counter() - tic)
 
 
-def _batches(loader):
+def loader_batches(loader):
     """Batches of the training loader over consecutive epochs, as the training loop draws them."""
     epoch = 0
     while True:
@@ -349,8 +336,8 @@ def data_wait_share(cfg: Config, device: torch.device, amp: torch.dtype | None,
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, slices_per_subject=per_subject))
     cache = SliceCache(resolve_path(cfg.data.cache_dir), resolve_path(cfg.data.root), cfg.data)
     loader = make_train_loader(cfg, cache, rows, seed=cfg.seed)
-    _, recipe, optimizer = make_trainer(cfg, device, perceptual)
-    epoch, batches = full_recipe_epoch(cfg), _batches(loader)
+    run = build_training(cfg, device, perceptual=perceptual, amp=amp)
+    phase, batches = full_recipe(cfg), loader_batches(loader)
     waited = total = 0.0
     for k in range(warmup + steps):
         tic = time.perf_counter()
@@ -358,63 +345,111 @@ def data_wait_share(cfg: Config, device: torch.device, amp: torch.dtype | None,
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items() if key != "name"}
         batch.update({k: batch[k].contiguous(memory_format=_memory_format(cfg)) for k in ("src", "tgt")})
         got = time.perf_counter()
-        train_step(recipe, optimizer, batch, epoch, amp)
-        sync(device)
+        train_step(run, batch, phase)
+        read_stats(run)
         if k >= warmup:  # the first batches include starting the workers
             waited += got - tic
             total += time.perf_counter() - tic
     return waited / total
 
 
-# ----------------------------------------------------------------------------- mixed precision
-def train_then_validate(cfg: Config, device: torch.device, amp: torch.dtype | None,
-                        batches: Iterable[tuple[int, dict]], steps: int,
-                        valid: dict[str, dict[int, torch.Tensor]], perceptual: PerceptualLoss | None = None) -> float:
-    """Train a fresh model (seed `cfg.seed`) on `steps` (epoch, batch) items, then its mean validation PSNR.
-
-    The lr follows the config's polynomial decay compressed to `steps` (so the
-    run settles by its end); validation runs in the training precision.
-    """
-    model, recipe, optimizer = make_trainer(cfg, device, perceptual)
-    schedule = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=steps))
-    for step, (epoch, batch) in zip(range(steps), batches):
-        for group in optimizer.param_groups:
-            group["lr"] = poly_lr(schedule, step)
-        train_step(recipe, optimizer, {key: value.to(device) for key, value in batch.items()}, epoch, amp)
-    total, _, count = validate(model, valid, device, cfg.test.batch_size, amp)
-    return total / count
+# ----------------------------------------------------------------------------- eager, compiled, CUDA graph
+MODES = ("eager", "compiled", "graphed")
+"""How a step runs: as written, through torch.compile (fullgraph), replayed from a CUDA graph."""
 
 
-def amp_check(cfg: Config, device: torch.device, amp: torch.dtype, steps: int) -> dict[str, float]:
-    """Validation PSNR (dB) after `steps` training steps from the same seed in fp32 and in `amp`.
+def _timed(call, batch: int, steps: int, warmup: int, wait) -> dict[str, float]:
+    """Time `call()`: the first call alone (compilation or capture included), then `steps` calls after
+    `warmup` more; `wait()` waits for the device. Slices/s without and with the first call."""
+    tic = time.perf_counter()
+    call()
+    wait()
+    first = time.perf_counter() - tic
+    for _ in range(warmup):
+        call()
+    wait()
+    tic = time.perf_counter()
+    for _ in range(steps):
+        call()
+    wait()
+    seconds = time.perf_counter() - tic
+    total = first + seconds * (1 + warmup / steps)  # warm-up calls cost what timed ones do
+    return {"slices_per_s": steps * batch / seconds, "slices_per_s_incl_setup": (1 + warmup + steps) * batch / total,
+            "first_call_s": first, "setup_s": max(first - seconds / steps, 0.0)}
 
-    Both runs see the same batches (the training loader, phases by its epochs)
-    and the same random draws, and validate on the valid subjects' central
-    `train.val_slices` slices. Returns {"fp32": psnr, "mixed": psnr}.
-    """
-    train_rows, valid_rows = data_rows(cfg, "train"), data_rows(cfg, "valid")
-    if train_rows is None or valid_rows is None:
-        raise FileNotFoundError(f"the mixed-precision check needs data: data.root={cfg.data.root} with lists")
-    cache = SliceCache(resolve_path(cfg.data.cache_dir), resolve_path(cfg.data.root), cfg.data)
-    cache.ensure([name for name, _ in valid_rows])
-    loader = make_train_loader(cfg, cache, train_rows, seed=cfg.seed)
-    seqs = {name: available(code) for name, code in valid_rows}
-    if all(len(s) < 2 for s in seqs.values()):  # no translation to validate: use all four sequences
-        seqs = {name: list(range(N_SEQ)) for name in seqs}
-    valid = {name: {s: load_eval_stack(cache, name, s, cfg.train.val_slices) for s in names}
-             for name, names in seqs.items()}
-    perceptual, _ = perceptual_for(cfg, device)
-    per_epoch = loader.sampler.batches_per_epoch
 
-    def batches():
-        for step, batch in enumerate(_batches(loader)):
-            yield step // per_epoch, {key: value for key, value in batch.items() if key != "name"}
+def time_train_mode(cfg: Config, device: torch.device, amp: torch.dtype | None, perceptual: PerceptualLoss | None,
+                    mode: str, steps: int, warmup: int) -> dict[str, float]:
+    """The training step (`train_step`, full recipe) run eagerly, compiled (train.compile) or replayed
+    from a CUDA graph (train.cuda_graph), at train.batch_size."""
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=mode == "compiled",
+                                                             cuda_graph=mode == "graphed"))
+    torch._dynamo.reset()  # compile from scratch: the setup time is part of the result
+    run = build_training(cfg, device, perceptual=perceptual, amp=amp)
+    batch, phase = synthetic_batch(cfg, cfg.train.batch_size, device), full_recipe(cfg)
+    return _timed(lambda: train_step(run, batch, phase), cfg.train.batch_size, steps, warmup,
+                  lambda: (read_stats(run), sync(device)))
 
-    results = {}
-    for label, precision in (("fp32", None), ("mixed", amp)):
-        results[label] = train_then_validate(cfg, device, precision, batches(), steps, valid, perceptual)
-        log.info("%s: validation PSNR %.3f dB after %d steps", label, results[label], steps)
-    return results
+
+@torch.no_grad()
+def time_infer_mode(cfg: Config, device: torch.device, amp: torch.dtype | None, mode: str, batch: int,
+                    steps: int, warmup: int) -> dict[str, float]:
+    """Inference (encode + decode to one target) of a batch, eager, compiled (fullgraph) or replayed
+    from a CUDA graph."""
+    seed_everything(cfg.seed)
+    torch._dynamo.reset()
+    model = build_model(cfg.model).to(device).eval()
+    images = synthetic_batch(cfg, batch, device)["src"]
+    code = model.target_code(2)  # (1, code_dim) on the device: nothing to copy inside a CUDA graph
+
+    def translate():
+        with autocast(device, amp):
+            return forward(images, code)
+
+    forward = torch.compile(model, fullgraph=True) if mode == "compiled" else model
+    call = capture_cuda_graph(translate).replay if mode == "graphed" else translate
+    return _timed(call, batch, steps, warmup, lambda: sync(device))
+
+
+def compare_modes(cfg: Config, config_name: str, device: torch.device, amp: torch.dtype | None,
+                  batches: list[int], steps: int, warmup: int) -> tuple[dict, list[str]]:
+    """Training and inference slices/s in every mode (`MODES`) at each batch size -> (record, notes).
+    CUDA-graph rows need CUDA: skipped elsewhere, with a note."""
+    perceptual, note = perceptual_for(cfg, device)
+    notes = [note]
+    modes = MODES
+    if device.type != "cuda":
+        modes = MODES[:2]
+        notes.append(f"graphed: skipped, CUDA graphs need a CUDA device (this is {device})")
+    record = {"device": _device_name(device), "cpu": cpu_name(), "config": config_name,
+              "amp": str(amp).replace("torch.", "") if amp else "fp32", "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "steps": steps, "warmup": warmup, "batches": {}}
+    for batch in batches:
+        sized = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
+        entry = record["batches"][str(batch)] = {"train": {}, "infer": {}}
+        for mode in modes:
+            log.info("batch %d, %s: training step", batch, mode)
+            entry["train"][mode] = time_train_mode(sized, device, amp, perceptual, mode, steps, warmup)
+            log.info("batch %d, %s: inference", batch, mode)
+            entry["infer"][mode] = time_infer_mode(sized, device, amp, mode, batch, steps, warmup)
+    return record, notes
+
+
+def modes_table(records: list[dict]) -> str:
+    """The records of `compare_modes` as one markdown table."""
+    lines = ["| config | batch | task | mode | slices/s | slices/s incl. setup | first call (s) | setup (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for record in records:
+        for batch, entry in record["batches"].items():
+            for task, modes in entry.items():
+                for mode, m in modes.items():
+                    lines.append(f"| {record['config']} | {batch} | {task} | {mode} | {m['slices_per_s']:.3f} | "
+                                 f"{m['slices_per_s_incl_setup']:.3f} | {m['first_call_s']:.1f} | {m['setup_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def _device_name(device: torch.device) -> str:
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
 # ----------------------------------------------------------------------------- the whole benchmark
@@ -473,8 +508,7 @@ def run(cfg: Config, config_name: str, device: torch.device, mixed: torch.dtype 
     wait = data_wait_share(cfg, device, mixed, perceptual, steps, warmup)
     if wait is None:
         notes.append(f"data wait skipped: no BraTS-layout data at data.root={cfg.data.root}")
-    device_name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
-    return {"device": device_name, "cpu": cpu_name(), "config": config_name,
+    return {"device": _device_name(device), "cpu": cpu_name(), "config": config_name,
             "peak_tflops": peak, "flops_per_slice": flops, "reference_mode": {"slices_per_s": reference},
             **record, "data_wait_share": wait}, notes
 

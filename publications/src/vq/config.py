@@ -153,6 +153,10 @@ class TrainConfig:
     checkpointing: bool = False
     """Activation checkpointing of encoder, decoder and VGG blocks: far less memory, about 1/3 more compute."""
     compile: bool = False
+    """torch.compile the training step's forward and loss (one graph; docs/speed.md: off where it does not pay)."""
+    cuda_graph: bool = False
+    """Capture the whole training step as a CUDA graph per phase and replay it (CUDA, one process,
+    no compile, no checkpointing): for small batches, where the GPU waits on kernel launches."""
     val_slices: int = 16
     """Central slices per volume used by validation."""
     val_identity: bool = True
@@ -163,7 +167,7 @@ class TrainConfig:
     """Also validate (and maybe keep as ckpt_best) the model where max_steps ends a run mid-epoch;
     the reference returns there without validating (false)."""
     log_every: int = 10
-    """Steps between log.csv / TensorBoard rows."""
+    """Steps between log.csv / TensorBoard rows; the statistics are read from the device only then."""
     dist_timeout_s: int = 1800
     """Under torchrun: how long a collective waits for the other processes (seconds)."""
     ckpt_every_steps: int = 0

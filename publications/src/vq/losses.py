@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torchvision.models import VGG19_Weights
 from torchvision.models.vgg import cfgs, make_layers
 
-from .models.vq_seq2seq import in_chunks, run_block
+from .runtime import in_chunks, run_block
 from .weights import load_pretrained_state
 
 log = logging.getLogger(__name__)

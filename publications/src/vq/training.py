@@ -7,16 +7,20 @@ shared by the six outputs that are compared with them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from vq.config import Config
 from vq.dataloader.augment import IntensityAugment
 from vq.losses import PerceptualLoss, consistency_loss, ssim_loss
 from vq.metrics import psnr, region_psnr
-from vq.runtime import autocast, return_freed_memory, to_channels_last
+from vq.models import build_model
+from vq.runtime import apply_speed_switches, autocast, capture_cuda_graph, seed_everything
 
 
 @dataclass(frozen=True)
@@ -44,28 +48,51 @@ def poly_lr(cfg: Config, epoch: int) -> float:
     return t.min_lr + (t.lr - t.min_lr) * (1 - frac) ** t.lr_power
 
 
-def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, cfg: Config, capturable: bool = False) -> torch.optim.AdamW:
+    """AdamW of the config. `capturable`: the step count and lr live on the device (CUDA), so that an
+    update can be undone on the device (`train_step`) and captured in a CUDA graph."""
     t = cfg.train
-    return torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    lr = torch.tensor(t.lr, device=next(model.parameters()).device) if capturable else t.lr
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                             capturable=capturable)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)  # in place: a captured step reads this tensor
+        else:
+            group["lr"] = lr
+
+
+def load_optimizer_state(optimizer: torch.optim.AdamW, state: dict) -> None:
+    """Load a checkpoint's optimizer state, keeping this optimizer's own `capturable` and lr kind:
+    a checkpoint written on another device type carries the other setting."""
+    own = [(group["capturable"], group["lr"]) for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    saved_lr = float(optimizer.param_groups[0]["lr"])
+    for group, (capturable, lr) in zip(optimizer.param_groups, own):
+        group["capturable"], group["lr"] = capturable, lr
+        for p in group["params"]:
+            if "step" in optimizer.state.get(p, {}):
+                step = optimizer.state[p]["step"]
+                optimizer.state[p]["step"] = step.to(p.device if capturable else "cpu", torch.float32)
+    set_lr(optimizer, saved_lr)
 
 
 class Recipe(nn.Module):
-    """Computes the full training loss of a batch; holds the frozen perceptual network."""
+    """Computes the full training loss of a batch; holds the frozen perceptual network.
 
-    def __init__(self, model: nn.Module, cfg: Config, perceptual: PerceptualLoss | None):
+    Shapes inside do not depend on the data (which codes a batch holds, which samples are
+    augmented) and nothing reads a tensor on the host, so the whole forward compiles as one
+    graph (`torch.compile(fullgraph=True)`) and a step can be captured as a CUDA graph.
+    """
+
+    def __init__(self, model: nn.Module, cfg: Config, perceptual: PerceptualLoss | None,
+                 amp: torch.dtype | None = None):
         super().__init__()
-        self.model, self.cfg = model, cfg
+        self.model, self.cfg, self.amp = model, cfg, amp
         self.perceptual = perceptual
-        if cfg.train.checkpointing:  # trade compute for memory (large batches, big crops)
-            model.set_checkpointing(True)
-            if next(model.parameters()).device.type == "cpu":
-                return_freed_memory()
-            if perceptual is not None:
-                perceptual.recompute = True
-        if cfg.train.channels_last:  # the scripts put the model in channels_last; VGG19 follows
-            to_channels_last(model)
-            if perceptual is not None:
-                to_channels_last(perceptual)
         self.augment = IntensityAugment(mode=cfg.data.augment_mode) if cfg.data.augment else None
 
     def inputs(self, src: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,7 +100,6 @@ class Recipe(nn.Module):
 
         ok: a 0-d bool tensor, False when `train.skip_degenerate` and an augmented input of the
         batch is empty or constant (mean == -1 within 1e-8, or std < 1e-8), the reference's skip.
-        It stays on the device: the caller decides when to read it.
         """
         in_src = self.augment(src) if self.augment is not None else src
         in_tgt = self.augment(tgt) if self.augment is not None else tgt
@@ -85,26 +111,19 @@ class Recipe(nn.Module):
         return in_src, in_tgt, ok
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_idx: torch.Tensor, tgt_idx: torch.Tensor,
-                epoch: int, amp: torch.dtype | None = None,
-                inputs: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """src/tgt: clean (B,1,H,W) in [-1,1]; src_idx/tgt_idx: (B,) sequence indices.
-
-        inputs: the augmented (in_src, in_tgt) from `inputs()`; None augments here.
-        """
-        cfg, model, phase = self.cfg.train, self.model, Phase.at(self.cfg, epoch)
-        batch = src.shape[0]
-        device = src.device
-        in_src, in_tgt = inputs if inputs is not None else self.inputs(src, tgt)[:2]
+                phase: Phase) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """src/tgt: clean (B,1,H,W) in [-1,1]; src_idx/tgt_idx: (B,) sequence indices
+        -> (loss, statistics as 0-d tensors, ok: whether the step may run, see `inputs`)."""
+        cfg, model, amp = self.cfg.train, self.model, self.amp
+        batch, device = src.shape[0], src.device
+        in_src, in_tgt, ok = self.inputs(src, tgt)
 
         with autocast(device, amp):
-            if phase.domain_aug:  # step 4: feed the model its own translation to a random code
-                swap = torch.rand(batch, device=device) < 0.5
-                if swap.any():
-                    with torch.no_grad():
-                        codes = model.random_code(int(swap.sum()), uniform_on=cfg.random_code)
-                        fake = model(in_src[swap], codes.to(device))
-                    in_src = in_src.clone()
-                    in_src[swap] = fake.to(in_src.dtype)
+            if phase.domain_aug:  # step 4: each source, with p = 0.5, becomes the model's own translation
+                swap = torch.rand(batch, 1, 1, 1, device=device) < 0.5
+                with torch.no_grad():  # all B sources are translated, so that shapes do not depend on the draw
+                    fake = model(in_src, model.random_code(batch, uniform_on=cfg.random_code))
+                in_src = torch.where(swap, fake.to(in_src.dtype), in_src)
 
             enc = model.encode(torch.cat([in_src, in_tgt]))  # (2B,1,H,W) -> latent (2B,D,h,w)
             lat_src, lat_tgt = enc.latent.chunk(2)
@@ -123,7 +142,9 @@ class Recipe(nn.Module):
         n_out = out.shape[0] // batch
         targets = torch.cat([tgt, src, src, tgt, src, tgt][:n_out])
         # Without sampling the last two outputs ARE i->i and j->j (step 3): count those twice.
-        weight = torch.ones(n_out, device=device) if phase.sampling else torch.tensor([1., 1., 2., 2.], device=device)
+        weight = torch.ones(n_out, device=device)
+        if not phase.sampling:
+            weight = weight + (torch.arange(n_out, device=device) >= 2)  # 1, 1, 2, 2
         w = weight.repeat_interleave(batch)  # (n_out*B,)
 
         l1 = (w * (out - targets).abs().flatten(1).mean(1)).sum() / batch
@@ -131,7 +152,9 @@ class Recipe(nn.Module):
         parts = {"l1": l1, "ssim": l_ssim}
         loss = cfg.lambda_l1 * l1 + cfg.lambda_ssim * l_ssim
         if self.perceptual is not None and cfg.lambda_per > 0:
-            index = _target_index(n_out, batch, device)
+            # each output's clean target: its row in cat([src, tgt]) (2B rows)
+            index = torch.cat([torch.arange(batch, device=device) + batch * is_tgt
+                               for is_tgt in (1, 0, 0, 1, 0, 1)[:n_out]])
             with autocast(device, amp):
                 feats = self.perceptual.target_features(torch.cat([src, tgt]))  # clean targets, once
                 per = (w * self.perceptual.per_sample(out, feats, index)).sum() / batch
@@ -147,19 +170,155 @@ class Recipe(nn.Module):
                                               variant=cfg.contrast)
             parts["con"] = con
             loss = loss + cfg.lambda_con * con
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss ({ {k: float(v) for k, v in parts.items()} })")
-        stats = {k: float(v.detach()) for k, v in parts.items()}
-        stats["loss"] = float(loss.detach())
+        stats = {k: v.detach() for k, v in parts.items()}
+        stats["loss"] = loss.detach()
         if enc.indices is not None:
             stats.update(model.quantizer.codebook_usage(enc.indices))
-        return loss, stats
+        return loss, stats, ok
 
 
-def _target_index(n_out: int, batch: int, device) -> torch.Tensor:
-    """For each output row, its clean target's row in cat([src, tgt]) (2B rows)."""
-    which = torch.tensor([1, 0, 0, 1, 0, 1][:n_out], device=device)  # 0 = src, 1 = tgt
-    return (which[:, None] * batch + torch.arange(batch, device=device)[None]).flatten()
+@dataclass
+class Training:
+    """A run's model, recipe and optimizer, and its statistics on the device.
+
+    `train_step` queues steps without waiting for the device; `read_stats` reads what they
+    left (one transfer) and raises for a non-finite loss, naming its step.
+    """
+
+    cfg: Config
+    model: nn.Module
+    recipe: Recipe
+    optimizer: torch.optim.AdamW
+    loss_fn: Callable
+    """The recipe, DDP-wrapped and compiled as the config says."""
+    counts: torch.Tensor
+    """(3,) int64 on the device: steps taken (from the start step), steps skipped, first step with a
+    non-finite loss (-1: none)."""
+    keys: list[str] = field(default_factory=list)
+    """Names of the statistics, in the order of `values` (known after the first step)."""
+    values: torch.Tensor | None = None
+    """(len(keys),) the statistics of the last step taken."""
+    bad_values: torch.Tensor | None = None
+    """(len(keys),) the statistics of the first step with a non-finite loss."""
+    graphs: dict = field(default_factory=dict)
+    """Phase -> (CUDA graph, its static batch), with train.cuda_graph."""
+
+
+def build_training(cfg: Config, device: torch.device, model: nn.Module | None = None,
+                   perceptual: PerceptualLoss | None = None, amp: torch.dtype | None = None,
+                   start_step: int = 0, ddp: bool = False) -> Training:
+    """Everything a run trains with, as the training script and the benchmark use it.
+
+    model: None builds a fresh one from `cfg.seed`. The speed switches of the config
+    (checkpointing, channels_last) are applied here; `ddp` wraps the recipe in
+    DistributedDataParallel (its forward is what backward averages); `train.compile`
+    compiles it. start_step: the step count a resumed run starts from.
+    """
+    if model is None:
+        seed_everything(cfg.seed)
+        model = build_model(cfg.model)
+    model = model.to(device).train()
+    t = cfg.train
+    apply_speed_switches(t.checkpointing, t.channels_last, model, perceptual)
+    recipe = loss_fn = Recipe(model, cfg, perceptual, amp)
+    if ddp:
+        loss_fn = DistributedDataParallel(recipe, device_ids=[device.index] if device.type == "cuda" else None)
+    if t.compile:  # DDP splits the graph at its gradient buckets
+        loss_fn = torch.compile(loss_fn, fullgraph=not ddp)
+    if t.cuda_graph and (device.type != "cuda" or ddp or t.compile or t.checkpointing):
+        raise ValueError("train.cuda_graph needs a CUDA device, one process, train.compile=false and "
+                         "train.checkpointing=false")
+    optimizer = make_optimizer(model, cfg, capturable=device.type == "cuda")
+    counts = torch.tensor([start_step, 0, -1], device=device)
+    return Training(cfg, model, recipe, optimizer, loss_fn, counts)
+
+
+def train_step(run: Training, batch: dict[str, torch.Tensor], phase: Phase) -> None:
+    """One optimizer step on a batch (src, tgt, src_idx, tgt_idx on the device); nothing here waits
+    for the device, so steps queue up until `read_stats`.
+
+    A degenerate batch (`Recipe.inputs`, with train.skip_degenerate) is stepped and then undone on
+    the device: weights, buffers and optimizer state get their values back and the step counts as
+    skipped, as the reference's `continue` (the random draws of the step are consumed). A
+    non-finite loss is recorded with its step, and `read_stats` raises it: the loop reads before
+    every log row, checkpoint and validation, so no such weights are saved.
+    With train.cuda_graph the step is captured once per phase and replayed.
+    """
+    if run.cfg.train.cuda_graph:
+        graph, static = run.graphs.get(phase) or _capture(run, batch, phase)
+        for key, value in static.items():
+            value.copy_(batch[key])
+        graph.replay()
+        return
+    _step(run, batch, phase, run.cfg.train.skip_degenerate)
+
+
+def _step(run: Training, batch: dict[str, torch.Tensor], phase: Phase, undoable: bool,
+          force_skip: bool = False) -> None:
+    state = _state_tensors(run) if undoable else []
+    before = [t.clone() for t in state]
+    loss, stats, ok = run.loss_fn(batch["src"], batch["tgt"], batch["src_idx"], batch["tgt_idx"], phase)
+    if run.cfg.train.skip_degenerate and dist.is_available() and dist.is_initialized():  # all ranks step, or none
+        flag = ok.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        ok = flag.bool()
+    if force_skip:
+        ok = torch.zeros_like(ok)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    if undoable:
+        after = _state_tensors(run)  # the optimizer's state exists after its first step
+        before += [torch.zeros_like(t) for t in after[len(before):]]  # AdamW's initial state is 0
+        for tensor, old in zip(after, before):
+            tensor.copy_(torch.where(ok, tensor, old))
+    _record(run, stats, loss, ok)
+
+
+def _state_tensors(run: Training) -> list[torch.Tensor]:
+    """Everything a step changes: weights, buffers (codebook counters), optimizer state."""
+    model = run.model
+    state = [t.detach() for t in [*model.parameters(), *model.buffers()]]
+    for p in model.parameters():
+        state += [v for v in run.optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
+    return state
+
+
+def _record(run: Training, stats: dict[str, torch.Tensor], loss: torch.Tensor, ok: torch.Tensor) -> None:
+    values = torch.stack([v.float() for v in stats.values()])  # (K,)
+    if run.values is None:
+        run.keys, run.values, run.bad_values = list(stats), torch.zeros_like(values), torch.zeros_like(values)
+    taken, skipped, first_bad = run.counts.unbind()
+    taken = taken + ok.long()
+    bad = ok & ~torch.isfinite(loss) & (first_bad < 0)
+    run.values.copy_(torch.where(ok, values, run.values))  # in place: a CUDA graph writes the same memory
+    run.bad_values.copy_(torch.where(bad, values, run.bad_values))
+    run.counts.copy_(torch.stack([taken, skipped + (~ok).long(), torch.where(bad, taken, first_bad)]))
+
+
+def read_stats(run: Training) -> tuple[int, int, dict[str, float]]:
+    """Wait for the queued steps and read their results: -> (step count, steps skipped, statistics of
+    the last step taken). Raises FloatingPointError when a step had a non-finite loss."""
+    step, skipped, first_bad = run.counts.tolist()
+    values = run.values.tolist() if run.values is not None else []
+    if first_bad >= 0:
+        bad = {k: round(v, 4) for k, v in zip(run.keys, run.bad_values.tolist())}
+        raise FloatingPointError(f"non-finite loss at step {first_bad} ({bad})")
+    return step, skipped, dict(zip(run.keys, values))
+
+
+def _capture(run: Training, batch: dict[str, torch.Tensor], phase: Phase):
+    """Capture one training step of this phase as a CUDA graph on a static copy of the batch.
+
+    The warm-up steps before the capture are undone, so that they change no weight; capturing
+    records the step without running it. The lr is a device tensor (`make_optimizer(capturable=True)`),
+    so `set_lr` reaches the replays.
+    """
+    static = {key: batch[key].clone() for key in ("src", "tgt", "src_idx", "tgt_idx")}
+    graph = capture_cuda_graph(lambda: _step(run, static, phase, run.cfg.train.skip_degenerate),
+                               warmup=lambda: _step(run, static, phase, undoable=True, force_skip=True))
+    run.graphs[phase] = graph, static
+    return graph, static
 
 
 @torch.no_grad()

@@ -6,53 +6,21 @@ where c(s) is the bias's own Linear of the code (the reference code; `bias_mix="
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-class CodeGroups(NamedTuple):
-    """A batch grouped by identical code rows: `order` puts each group's rows together."""
-
-    order: torch.Tensor | None
-    """(B,) batch positions sorted by group; None when the whole batch is one group."""
-    counts: list[int]
-    """Group sizes, in group order."""
-
-    @property
-    def first(self) -> list[int]:
-        """Position of each group's first row in the batch sorted by `order`."""
-        return [sum(self.counts[:g]) for g in range(len(self.counts))]
-
-
-def code_groups(code: torch.Tensor) -> CodeGroups:
-    """Group a batch by identical code rows: (B, code_dim) -> CodeGroups.
-
-    One `torch.unique` and one host sync (the group sizes); the decoder calls it
-    once per decode and shares the result with all its hyper-convs.
-    """
-    _, inverse, counts = torch.unique(code.detach(), dim=0, return_inverse=True, return_counts=True)
-    if len(counts) == 1:
-        return CodeGroups(None, [len(code)])
-    return CodeGroups(inverse.argsort(stable=True), counts.tolist())
-
-
 class HyperConv2d(nn.Module):
     """Conv2d (stride 1, "same" size) whose kernel and bias depend on a per-sample code.
 
-    Batching: the batch is grouped by identical code rows (`code_groups`); each
-    group gets one mixed kernel and one ordinary `F.conv2d` on its sub-batch.
-    Training batches have 1-4 distinct codes (one-hot targets), so this runs at
-    ordinary-conv speed; when all rows are identical there is no gather/scatter
-    at all. A batch of all-distinct codes (random-code augmentation) is still
-    exact, just one conv per sample.
-
-    Called alone, the layer groups the batch itself and returns the input order.
-    The decoder instead groups once per decode, puts its batch in group order
-    once, and passes the groups to every hyper-conv (`groups=`): the rows of
-    `x` and `code` are then already in group order.
+    Batching: one code for the whole batch, (1, code_dim), is one ordinary
+    `F.conv2d` with one mixed kernel. Per-sample codes, (B, code_dim), give each
+    sample its own mixed kernel, and the batch runs as one grouped convolution
+    (groups = B, one group per sample): shapes do not depend on which codes the
+    batch holds, so nothing waits on the device to group it and the step can be
+    compiled or captured as a whole.
 
     Init (`init`): "reference" as the reference code: the bank Kaiming-normal with
     fan_in = in x k x k x n_kernels, the bias bank 0, the mixing Linears' biases 0
@@ -104,31 +72,20 @@ class HyperConv2d(nn.Module):
         bias_coeffs = coeffs if self.mix_bias is None else self.mix_bias(code)  # (G, n_kernels)
         return weight, bias_coeffs @ self.bias
 
-    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+        """x: (B, in, H, W), code: (1 or B, code_dim) -> (B, out, H, W)."""
+        weight, bias = self.kernels(code)  # (G, out, in, k, k), (G, out) with G = 1 or B
         pad = self.kernel_size // 2
         if pad and self.padding_mode != "zeros":
             x = F.pad(x, (pad, pad, pad, pad), mode=self.padding_mode)
             pad = 0
-        return F.conv2d(x, weight, bias, padding=pad)
-
-    def forward(self, x: torch.Tensor, code: torch.Tensor, groups: CodeGroups | None = None) -> torch.Tensor:
-        """x: (B, in, H, W), code: (B, code_dim) -> (B, out, H, W).
-
-        groups: `code_groups(code)` of a batch whose rows are already in group order
-        (the decoder's call); None groups here and returns the input order.
-        """
-        if groups is None:  # standalone: group here, convolve in group order, restore the input order
-            groups = code_groups(code)
-            if groups.order is not None:
-                out = self(x[groups.order], code[groups.order], groups)
-                return out[groups.order.argsort()]
-        # one representative row per group, taken from `code` itself so gradients reach the code
-        # (rows of a group are equal, so d/dparams is the same as summing over the group)
-        weight, bias = self.kernels(code[groups.first])  # (G, out, in, k, k), (G, out)
-        if len(groups.counts) == 1:  # fast path: one kernel for the whole batch
-            return self._conv(x, weight[0], None if bias is None else bias[0])
-        return torch.cat([self._conv(xg, weight[g], None if bias is None else bias[g])
-                          for g, xg in enumerate(x.split(groups.counts))])
+        if len(code) == 1:
+            return F.conv2d(x, weight[0], None if bias is None else bias[0], padding=pad)
+        batch, _, height, width = x.shape
+        # (B, in, H, W) -> (1, B*in, H, W): sample b is group b, convolved with its own kernel
+        out = F.conv2d(x.reshape(1, -1, height, width), weight.flatten(0, 1),
+                       None if bias is None else bias.flatten(), padding=pad, groups=batch)
+        return out.view(batch, self.out_ch, *out.shape[-2:])
 
     def extra_repr(self) -> str:
         return (f"{self.in_ch}, {self.out_ch}, kernel_size={self.kernel_size}, n_kernels={self.n_kernels}, "

@@ -79,8 +79,10 @@ class VectorQuantizer(nn.Module):
             z_q = F.embedding(indices, self.embedding.weight.float())  # (B*H*W, D)
             z_q = z_q.view(B, H, W, D).permute(0, 3, 1, 2)  # -> (B, D, H, W)
 
-            commitment = F.mse_loss(z, z_q.detach())  # pulls the encoder to its code
-            codebook = F.mse_loss(z_q, z.detach())  # pulls the code to the encoder
+            # mean squared errors written out: F.mse_loss's backward on these permuted tensors
+            # gets strides in a compiled graph that eager does not (the same values either way)
+            commitment = (z - z_q.detach()).pow(2).mean()  # pulls the encoder to its code
+            codebook = (z_q - z.detach()).pow(2).mean()  # pulls the code to the encoder
             if self.legacy:
                 loss = commitment + self.beta * codebook
             else:
@@ -116,35 +118,42 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _count_use(self, indices: torch.Tensor) -> None:
-        used = torch.bincount(indices, minlength=self.n_embed)
+        used = _counts(indices, self.n_embed)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(used)  # every replica keeps the same counters
-        self.idle_steps += 1
-        self.idle_steps[used > 0] = 0
+        self.idle_steps.copy_(torch.where(used > 0, 0, self.idle_steps + 1))
 
     @torch.no_grad()
     def _restart_idle_codes(self, z_flat: torch.Tensor) -> None:
         """Move codes idle for `restart_after` steps onto random z_e of this batch (before the lookup,
-        so that autograd sees the codebook as it is used in this call)."""
-        dead = (self.idle_steps >= self.restart_after).nonzero().flatten()
-        if len(dead) == 0:
-            return
-        picks = torch.randint(len(z_flat), (len(dead),), device=z_flat.device)
-        new = z_flat[picks].to(self.embedding.weight.dtype)
+        so that autograd sees the codebook as it is used in this call).
+
+        Every code draws a candidate and only the idle ones take it: the shapes do not depend on
+        how many codes are idle, so the step never waits on the device to count them.
+        """
+        idle = self.idle_steps >= self.restart_after  # (K,)
+        picks = torch.randint(len(z_flat), (self.n_embed,), device=z_flat.device)
+        new = z_flat[picks].to(self.embedding.weight.dtype)  # (K, D)
         if dist.is_available() and dist.is_initialized():
             dist.broadcast(new, src=0)  # the same codebook on every replica
-        self.embedding.weight[dead] = new
-        self.idle_steps[dead] = 0
+        self.embedding.weight.copy_(torch.where(idle[:, None], new, self.embedding.weight))
+        self.idle_steps.masked_fill_(idle, 0)
 
     @torch.no_grad()
-    def codebook_usage(self, indices: torch.Tensor) -> dict[str, float]:
-        """Codebook statistics of a batch of indices, to watch for collapse.
+    def codebook_usage(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Codebook statistics of a batch of indices, to watch for collapse, as 0-d tensors on the device.
 
         perplexity = exp(entropy of code frequencies): K when all codes are used
         equally, 1 when everything maps to one code. usage = share of the K codes
         used at least once.
         """
-        counts = torch.bincount(indices.flatten(), minlength=self.n_embed).float()  # (K,)
+        counts = _counts(indices.flatten(), self.n_embed).float()  # (K,)
         probs = counts / counts.sum()
         perplexity = torch.exp(torch.special.entr(probs).sum())
-        return {"perplexity": perplexity.item(), "usage": (counts > 0).float().mean().item()}
+        return {"perplexity": perplexity, "usage": (counts > 0).float().mean()}
+
+
+def _counts(indices: torch.Tensor, n: int) -> torch.Tensor:
+    """How often each of 0..n-1 occurs in (N,) indices -> (n,); the size is n whatever the values
+    (bincount's size depends on the largest value, which a compiled step cannot know)."""
+    return torch.zeros(n, dtype=torch.long, device=indices.device).index_add_(0, indices, torch.ones_like(indices))

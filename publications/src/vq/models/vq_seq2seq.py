@@ -13,11 +13,11 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
+from ..runtime import in_chunks, run_block
 from ..sequences import N_SEQ, seq_index
-from .hyperconv import CodeGroups, HyperConv2d, code_groups
+from .hyperconv import HyperConv2d
 from .quantizer import VectorQuantizer
 
 Target = int | str | Sequence[int | str] | torch.Tensor
@@ -31,29 +31,6 @@ def conv_norm_act(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1) ->
         nn.InstanceNorm2d(out_ch),
         nn.LeakyReLU(0.2),
     )
-
-
-RECOMPUTE_CHUNK = 8
-"""Rows per chunk under activation checkpointing (see `in_chunks`)."""
-
-
-def run_block(block, *args, recompute: bool = False):
-    """block(*args); with `recompute`, under autograd, through activation checkpointing:
-    only the block's inputs are kept and its forward runs again in backward."""
-    if recompute and torch.is_grad_enabled():
-        return checkpoint(block, *args, use_reentrant=False)
-    return block(*args)
-
-
-def in_chunks(fn, *tensors: torch.Tensor, recompute: bool = False) -> torch.Tensor:
-    """fn(*tensors), batch row by row independent; with `recompute`, under autograd, run in
-    chunks of RECOMPUTE_CHUNK rows. Every layer here is per sample (convs, InstanceNorm,
-    upsampling), so the result is the same; but backward then finishes one chunk before it
-    recomputes the next, and the activations recomputed at any one time are a chunk's, not
-    the whole batch's (a step decodes 6x its batch)."""
-    if not (recompute and torch.is_grad_enabled()) or len(tensors[0]) <= RECOMPUTE_CHUNK:
-        return fn(*tensors)
-    return torch.cat([fn(*parts) for parts in zip(*(t.split(RECOMPUTE_CHUNK) for t in tensors))])
 
 
 class ResBlock(nn.Module):
@@ -105,9 +82,9 @@ class HyperResBlock(nn.Module):
         self.conv2 = HyperConv2d(ch, ch, 3, code_dim, n_kernels, bias=False)
         self.norm = nn.InstanceNorm2d(ch)
 
-    def forward(self, x, code, groups: CodeGroups):
-        h = F.leaky_relu(self.norm(self.conv1(x, code, groups)), 0.2)
-        return x + self.norm(self.conv2(h, code, groups))
+    def forward(self, x, code):
+        h = F.leaky_relu(self.norm(self.conv1(x, code)), 0.2)
+        return x + self.norm(self.conv2(h, code))
 
 
 class HyperUp(nn.Module):
@@ -118,13 +95,14 @@ class HyperUp(nn.Module):
         self.conv = HyperConv2d(in_ch, in_ch // 2, 3, code_dim, n_kernels, bias=False)
         self.norm = nn.InstanceNorm2d(in_ch // 2)
 
-    def forward(self, x, code, groups: CodeGroups):
+    def forward(self, x, code):
         x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)  # (B, C, 2H, 2W)
-        return F.leaky_relu(self.norm(self.conv(x, code, groups)), 0.2)  # -> (B, C/2, 2H, 2W)
+        return F.leaky_relu(self.norm(self.conv(x, code)), 0.2)  # -> (B, C/2, 2H, 2W)
 
 
 class Decoder(nn.Module):
-    """(B, C * 2**n_down, h, w) latent features and (B, code_dim) code -> (B, 1, h * 2**n_down, w * 2**n_down) in [-1, 1]."""
+    """(B, C * 2**n_down, h, w) latent features and a (1 or B, code_dim) code -> (B, 1, h * 2**n_down, w * 2**n_down)
+    in [-1, 1]; one code row decodes the whole batch to one target."""
 
     def __init__(self, base_channels: int = 64, n_down: int = 2, n_res: int = 6,
                  code_dim: int = 64, n_kernels: int = 16, hyper_bias: str = "own"):
@@ -139,19 +117,15 @@ class Decoder(nn.Module):
         """Activation checkpointing per block (train.checkpointing)."""
 
     def forward(self, x, code):
+        if len(code) == 1:  # one target for the batch: chunks share the code row
+            return in_chunks(lambda rows: self._forward(rows, code), x, recompute=self.recompute)
         return in_chunks(self._forward, x, code, recompute=self.recompute)
 
     def _forward(self, x, code):
-        code = self.embed(code)  # (B, code_dim)
-        # Group the batch by code once for all hyper-convs and sort it into group order once:
-        # everything between them (norm, activation, upsampling) is per sample.
-        groups = code_groups(code)
-        if groups.order is not None:
-            x, code = x[groups.order], code[groups.order]
+        code = self.embed(code)  # (1 or B, code_dim)
         for block in [*self.res, *self.up]:
-            x = run_block(block, x, code, groups, recompute=self.recompute)
-        out = run_block(self.out, x, code, groups, recompute=self.recompute).tanh()  # (B, 1, H, W)
-        return out if groups.order is None else out[groups.order.argsort()]  # back to input order
+            x = run_block(block, x, code, recompute=self.recompute)
+        return run_block(self.out, x, code, recompute=self.recompute).tanh()  # (B, 1, H, W)
 
 
 class Encoded(NamedTuple):
@@ -225,11 +199,12 @@ class VQSeq2Seq(nn.Module):
                 target = [target]
             if isinstance(target, torch.Tensor):
                 index = target.to(device).flatten().long()
-                if index.numel() and not ((index >= 0) & (index < N_SEQ)).all():
-                    raise ValueError(f"target indices must be in 0..{N_SEQ - 1}, got {index.tolist()}")
+                # checked on the device: reading the check on the host would wait for the device
+                torch._assert_async(((index >= 0) & (index < N_SEQ)).all(), f"target indices must be in 0..{N_SEQ - 1}")
             else:
                 index = torch.tensor([seq_index(t) for t in target], device=device)
-            code = F.one_hot(index, code_dim).float()  # (B, code_dim), ones in the first N_SEQ positions
+            # (B,) -> (B, code_dim) one-hot, ones in the first N_SEQ positions
+            code = (index[:, None] == torch.arange(code_dim, device=device)).float()
         if batch_size is not None and len(code) != batch_size:
             if len(code) != 1:
                 raise ValueError(f"{len(code)} target codes for a batch of {batch_size}")
@@ -246,12 +221,13 @@ class VQSeq2Seq(nn.Module):
         a random mixture of the trained sequence codes, since the other positions' embedding
         columns are never trained on a real target).
         """
-        device = generator.device if generator is not None else torch.device("cpu")
+        device = generator.device if generator is not None else self.device
         width = self.cfg.code_dim if uniform_on == "reference" else N_SEQ
-        onehot = F.one_hot(torch.randint(N_SEQ, (batch_size,), generator=generator, device=device), width)
+        index = torch.randint(N_SEQ, (batch_size,), generator=generator, device=device)
+        onehot = (index[:, None] == torch.arange(width, device=device)).float()  # (B, width)
         uniform = torch.rand(batch_size, width, generator=generator, device=device)
         use_onehot = torch.rand(batch_size, 1, generator=generator, device=device) < 0.5
-        mix = torch.where(use_onehot, onehot.float(), uniform)  # (B, width)
+        mix = torch.where(use_onehot, onehot, uniform)  # (B, width)
         return F.pad(mix, (0, self.cfg.code_dim - width)).to(self.device)  # -> (B, code_dim)
 
     def encode(self, x: torch.Tensor) -> Encoded:
@@ -263,7 +239,9 @@ class VQSeq2Seq(nn.Module):
         return Encoded(z_q, indices, loss, z_e)
 
     def decode(self, latent: torch.Tensor, target: Target) -> torch.Tensor:
-        code = self.target_code(target, len(latent), latent.device)
+        code = self.target_code(target, device=latent.device)  # (1 or B, code_dim)
+        if len(code) not in (1, len(latent)):
+            raise ValueError(f"{len(code)} target codes for a batch of {len(latent)}")
         if self.post_quant_conv is not None:
             latent = self.post_quant_conv(latent)  # (B, D, h, w) -> (B, 4C, h, w)
         return self.decoder(latent, code)  # -> (B, 1, H, W) in [-1, 1]

@@ -1,7 +1,9 @@
 """Benchmark the training step and inference of a config on one device.
 
     python publications/src/vq/tools/benchmark.py -d cpu -c publications/config/vq/vqseq2seq_brats_2d_missing_3_256.yaml \
-        [--json FILE] [--steps 5 --warmup 2] [--skip-fp32] [--amp-check 300] [--set key=value ...]
+        [--json FILE] [--steps 5 --warmup 2] [--skip-fp32] [--set key=value ...]
+    python publications/src/vq/tools/benchmark.py -d cuda -c CONFIG [CONFIG ...] --compare [--batches 1 32] \
+        [--json FILE] [--steps 5 --warmup 2]
 
 After warm-up, times the full training step (all terms of the recipe on) and
 inference (encode + decode a batch) at the config's crop and batch sizes, in fp32
@@ -9,9 +11,15 @@ and in mixed precision (bf16 autocast; fp16 on CUDA without bf16); counts the
 model FLOPs per slice; measures the device's peak with large matmuls; and, when
 `data.root` holds BraTS-layout data, times the reference's way to train (fp32,
 batch 1, NIfTI read every step) and the DataLoader's share of a real loop.
-Prints a table; `--json` writes the numbers. `--amp-check N` instead trains the
-config's model N steps from one seed in fp32 and in mixed precision on the
-config's data and prints both validation PSNRs.
+Prints a table; `--json` writes the numbers.
+
+`--compare` instead times the training step and inference of each config eager,
+compiled (torch.compile, one graph) and replayed from a CUDA graph (CUDA only;
+skipped with a note elsewhere), at each batch size (default: the config's
+train.batch_size), in the precision train.amp=auto picks; first call (compilation
+or capture) and steady state apart. It writes the JSON (default
+asset/benchmarks/modes-DEVICE.json) and the markdown table beside it (.md). Whether mixed precision trains as
+well as fp32 is an experiment, not a timing: `amp_check.py`.
 """
 from __future__ import annotations
 
@@ -23,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from vq.bench import Options, amp_check, format_table, run
+from vq.bench import Options, compare_modes, format_table, modes_table, run
 from vq.cli import add_set_arg
-from vq.config import ConfigError, load_config
+from vq.config import REPO_ROOT, ConfigError, load_config
 from vq.dataloader.brats import BratsDataError
 from vq.dataloader.lists import DataListError
 from vq.runtime import DeviceError, amp_dtype, resolve_device
@@ -37,21 +45,25 @@ log = logging.getLogger("benchmark")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-d", "--device", default="cpu", help="cpu, cuda, cuda:N or mps")
-    p.add_argument("-c", "--config", required=True, help="YAML config")
+    p.add_argument("-c", "--config", required=True, nargs="+", help="YAML config (several with --compare)")
     p.add_argument("--json", type=Path, help="write the numbers to this file")
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
     p.add_argument("--skip-fp32", action="store_true", help="time mixed precision only")
+    p.add_argument("--compare", action="store_true", help="eager vs compiled vs CUDA graph, see above")
+    p.add_argument("--batches", type=int, nargs="+", help="batch sizes of --compare (default: the config's)")
     p.add_argument("--peak-size", type=int, default=4096, help="n of the n x n x n peak matmuls")
-    p.add_argument("--amp-check", type=int, metavar="STEPS",
-                   help="only compare validation PSNR after STEPS training steps in fp32 and mixed precision")
     add_set_arg(p)
     args = p.parse_args(argv)
-    for name in ("steps", "peak_size", "amp_check"):
+    for name in ("steps", "peak_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
+    if len(args.config) > 1 and not args.compare:
+        p.error("several configs only with --compare")
+    if args.batches and (not args.compare or min(args.batches) < 1):
+        p.error("--batches takes sizes >= 1, with --compare")
     return args
 
 
@@ -59,20 +71,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config, args.set)
+        configs = [load_config(path, args.set) for path in args.config]
+        cfg = configs[0]
         device = resolve_device(args.device)
         if device.type not in ("cpu", "cuda"):
             raise DeviceError(f"the benchmark runs on cpu or cuda, not {device}")
         mixed = amp_dtype(device, "auto")  # None on a CPU without bf16 units: fp32 is how it trains
-        if args.amp_check:
-            if mixed is None:
-                log.warning("no bf16 units on this CPU: the check runs emulated bf16, much slower than fp32")
-            psnr = amp_check(cfg, device, mixed or torch.bfloat16, args.amp_check)
-            print(f"validation PSNR after {args.amp_check} steps: fp32 {psnr['fp32']:.3f} dB, "
-                  f"mixed ({mixed}) {psnr['mixed']:.3f} dB, difference {psnr['mixed'] - psnr['fp32']:+.3f} dB")
-            return 0
+        if args.compare:
+            return compare(args, configs, device, mixed)
         options = Options(steps=args.steps, warmup=args.warmup, skip_fp32=args.skip_fp32, peak_size=args.peak_size)
-        result, notes = run(cfg, args.config, device, mixed, options)
+        result, notes = run(cfg, args.config[0], device, mixed, options)
     except (ConfigError, DeviceError, BratsDataError, DataListError, MissingWeightsError,
             FileNotFoundError) as err:
         log.error("%s", err)
@@ -81,6 +89,27 @@ def main(argv=None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
     print(format_table(result, notes))
+    return 0
+
+
+def compare(args, configs: list, device: torch.device, amp: torch.dtype | None) -> int:
+    out = args.json or REPO_ROOT / "asset" / "benchmarks" / f"modes-{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    records, notes = [], []
+    for path, cfg in zip(args.config, configs):
+        record, more = compare_modes(cfg, Path(path).name, device, amp, args.batches or [cfg.train.batch_size],
+                                     args.steps, args.warmup)
+        records.append(record)
+        notes += [n for n in more if n not in notes]
+        # written after each config: a long run on a slow machine keeps what it measured
+        out.write_text(json.dumps({"records": records, "notes": notes}, indent=1))
+        first = records[0]
+        table = "\n".join([f"{first['device']} | {first['cpu']} | torch {first['torch']}, {first['threads']} "
+                           f"threads, {first['amp']} | --steps {args.steps} --warmup {args.warmup}", "",
+                           modes_table(records), "", *[f"note: {n}" for n in notes]])
+        out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    log.info("wrote %s and %s", out, out.with_suffix(".md"))
     return 0
 
 

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vq.checkpoint import CheckpointError, load_model_weights, read_checkpoint, save_checkpoint
@@ -31,13 +30,14 @@ from vq.dataloader.brats import BratsDataError, SliceCache
 from vq.dataloader.check import check_lists
 from vq.dataloader.datasets import load_eval_stack, make_train_loader
 from vq.dataloader.lists import read_list
-from vq.distributed import Dist, all_true, cleanup, init_distributed, replicas_in_sync, sum_across
+from vq.distributed import Dist, cleanup, init_distributed, replicas_in_sync, sum_across
 from vq.files import write_atomic
 from vq.losses import PerceptualLoss
 from vq.models import build_model
 from vq.runtime import amp_dtype, cpu_name, resolve_device, rng_state, seed_everything, set_rng_state
 from vq.sequences import N_SEQ, available
-from vq.training import Recipe, make_optimizer, poly_lr, translate, validate
+from vq.training import (Phase, build_training, load_optimizer_state, poly_lr, read_stats, set_lr, train_step,
+                         translate, validate)
 from vq.viz import plot_progress, sample_grid, save_png
 from vq.weights import MissingWeightsError
 
@@ -140,7 +140,7 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device, data) 
     my_valid = dict(list(valid.items())[ddp.rank::ddp.world_size])  # each rank validates its share
 
     # --- model, loss, optimizer ---
-    model = build_model(cfg.model).to(device)  # the Recipe puts it in channels_last if configured
+    model = build_model(cfg.model)
     if args.load:
         load_model_weights(model, read_checkpoint(args.load), args.load)
         log.info("initial weights from %s", args.load)
@@ -150,21 +150,20 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device, data) 
             perceptual = PerceptualLoss(weights_path=cfg.train.vgg_weights).to(device)
         except MissingWeightsError as err:
             raise MissingWeightsError(f"{err}; or train without the perceptual loss: --set train.lambda_per=0") from None
-    recipe = recipe_core = Recipe(model, cfg, perceptual)
+    steps_per_epoch = loader.sampler.batches_per_epoch
+    epoch, step, in_epoch, best = 0, 0, 0, float("-inf")  # in_epoch: batches already drawn in this epoch
+    state = read_checkpoint(run_dir / "ckpt_last.pth") if args.resume else None
+    if state:
+        load_model_weights(model, state, run_dir / "ckpt_last.pth")
+        epoch, step, best = state["epoch"], state["step"], state["best_psnr"]
+    run = build_training(cfg, device, model, perceptual, amp, start_step=step, ddp=ddp.enabled)
+    model, optimizer = run.model, run.optimizer
     eval_amp = amp_dtype(device, cfg.test.amp)  # validation as the evaluation: fp32 unless test.amp says
-    optimizer = make_optimizer(model, cfg)
     log.info("model %s: %.2f M parameters; %d train / %d valid subjects",
              type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, len(train_rows),
              len(valid_rows))
-
-    steps_per_epoch = loader.sampler.batches_per_epoch
-    epoch, step, in_epoch, best = 0, 0, 0, float("-inf")  # in_epoch: batches already drawn in this epoch
-    skipped = 0  # steps skipped for a degenerate input (train.skip_degenerate), since this process started
-    if args.resume:
-        state = read_checkpoint(run_dir / "ckpt_last.pth")
-        load_model_weights(model, state, run_dir / "ckpt_last.pth")
-        optimizer.load_state_dict(state["optimizer"])
-        epoch, step, best = state["epoch"], state["step"], state["best_psnr"]
+    if state:
+        load_optimizer_state(optimizer, state["optimizer"])
         in_epoch = state.get("in_epoch", step - epoch * steps_per_epoch)  # older checkpoints: constant epochs
         before = state.get("steps_per_epoch")  # None in older checkpoints
         if in_epoch and (before not in (None, steps_per_epoch) or not 0 < in_epoch <= steps_per_epoch):
@@ -174,10 +173,8 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device, data) 
             in_epoch = 0
         set_rng_state(state["rng"])
         log.info("resumed at epoch %d, step %d (best PSNR %.2f)", epoch, step, best)
-    if ddp.enabled:  # the whole recipe is the DDP module: its forward is what backward averages
-        recipe = DistributedDataParallel(recipe, device_ids=[device.index] if device.type == "cuda" else None)
+    if ddp.enabled:
         torch.manual_seed(cfg.seed + 1000 * ddp.rank + step)  # each rank its own augmentation draws
-    step_fn = torch.compile(recipe) if cfg.train.compile else recipe
 
     def checkpoint(name: str, finished: bool = False) -> None:
         if main_rank:
@@ -223,49 +220,58 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device, data) 
         stop_requested.append(signal.Signals(signum).name)
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    t = cfg.train
+
+    def next_due(step: int) -> int:
+        """The next step count at which the loop needs the exact count: a log row, a checkpoint, the end."""
+        due = [t.max_steps, 1 if step == 0 else (step // t.log_every + 1) * t.log_every]
+        if t.ckpt_every_steps:
+            due.append((step // t.ckpt_every_steps + 1) * t.ckpt_every_steps)
+        return min(due)
+
     model.train()
     try:
-        while epoch < cfg.train.epochs and step < cfg.train.max_steps:
+        while epoch < t.epochs and step < t.max_steps:
             lr = poly_lr(cfg, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
+            phase = Phase.at(cfg, epoch)
             loader.sampler.set_epoch(epoch, start=in_epoch)  # > 0 only when resumed mid-epoch
             bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=not main_rank)
-            tic = time.perf_counter()
+            # Steps are queued without waiting for the device; the count is read (one sync) only where
+            # the loop needs it. `queued` steps since the last read: the count is at most step + queued
+            # (a degenerate batch is not counted), so a read at `due` never overshoots an event.
+            due, queued, tic, tic_step = next_due(step), 0, time.perf_counter(), step
             for batch in bar:
-                src, tgt = batch["src"].to(device, non_blocking=True), batch["tgt"].to(device, non_blocking=True)
-                if cfg.train.channels_last:
-                    src = src.contiguous(memory_format=torch.channels_last)
-                    tgt = tgt.contiguous(memory_format=torch.channels_last)
-                in_src, in_tgt, ok = recipe_core.inputs(src, tgt)
-                in_epoch += 1
-                if cfg.train.skip_degenerate and not all_true(ddp, ok):  # the reference skips such a step
-                    skipped += 1
-                    log.debug("step %d: skipped (empty or constant augmented input)", step + 1)
+                batch = {key: batch[key].to(device, non_blocking=True) for key in ("src", "tgt", "src_idx", "tgt_idx")}
+                if t.channels_last:
+                    batch.update({key: batch[key].contiguous(memory_format=torch.channels_last)
+                                  for key in ("src", "tgt")})
+                train_step(run, batch, phase)
+                in_epoch, queued = in_epoch + 1, queued + 1
+                if step + queued < due and not stop_requested:
                     continue
-                loss, stats = step_fn(src, tgt, batch["src_idx"].to(device), batch["tgt_idx"].to(device),
-                                      epoch=epoch, amp=amp, inputs=(in_src, in_tgt))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                stats["skipped"] = skipped
-                toc = time.perf_counter()
-                stats["slices_per_s"] = src.shape[0] * ddp.world_size / max(toc - tic, 1e-9)
-                tic = toc
-                bar.set_postfix(step=step, loss=f"{stats['loss']:.3f}", l1=f"{stats['l1']:.3f}",
-                                sps=f"{stats['slices_per_s']:.1f}")
-                if step % cfg.train.log_every == 0 or step == 1:
-                    record({"step": step, "epoch": epoch, "lr": lr, **stats},
-                           {f"train/{k}": v for k, v in stats.items()})
-                if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0:
-                    checkpoint("ckpt_last.pth")
+                step, skipped, stats = read_stats(run)
+                queued = 0
+                if step == due:
+                    toc = time.perf_counter()
+                    stats["slices_per_s"] = (step - tic_step) * t.batch_size * ddp.world_size / max(toc - tic, 1e-9)
+                    stats["skipped"] = skipped
+                    tic, tic_step = toc, step
+                    bar.set_postfix(step=step, loss=f"{stats['loss']:.3f}", l1=f"{stats['l1']:.3f}",
+                                    sps=f"{stats['slices_per_s']:.1f}")
+                    if step % t.log_every == 0 or step == 1:
+                        record({"step": step, "epoch": epoch, "lr": lr, **stats},
+                               {f"train/{k}": v for k, v in stats.items()})
+                    if t.ckpt_every_steps and step % t.ckpt_every_steps == 0:
+                        checkpoint("ckpt_last.pth")
+                    due = next_due(step)
                 if stop_requested:
                     raise Stop(stop_requested[0])
-                if step >= cfg.train.max_steps:
+                if step >= t.max_steps:
                     break
             else:
                 epoch, in_epoch = epoch + 1, 0
+            step = read_stats(run)[0]
             finished = epoch >= cfg.train.epochs or step >= cfg.train.max_steps
             epoch_done = in_epoch == 0
             if (epoch_done and (epoch % cfg.train.val_every == 0 or finished)) or (finished and cfg.train.val_at_end):

@@ -1,0 +1,105 @@
+"""Does mixed-precision training agree with fp32? Train a config's model from one seed both ways, compare.
+
+    python publications/src/vq/tools/amp_check.py -d cpu -c publications/config/vq/demo_phantom_cpu.yaml \
+        --steps 300 [--set key=value ...]
+
+Both runs see the same batches (the training loader, phases by its epochs) and the
+same random draws, and validate on the valid subjects' central `train.val_slices`
+slices; prints both validation PSNRs and their difference. An experiment, not a
+timing: `tests/test_speed.py` runs a 150-step version on a tiny model.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Iterable
+
+import torch
+
+from vq.bench import data_rows, loader_batches, perceptual_for
+from vq.cli import add_set_arg
+from vq.config import Config, ConfigError, load_config, resolve_path
+from vq.dataloader.brats import BratsDataError, SliceCache
+from vq.dataloader.datasets import load_eval_stack, make_train_loader
+from vq.losses import PerceptualLoss
+from vq.runtime import DeviceError, amp_dtype, resolve_device
+from vq.sequences import N_SEQ, available
+from vq.training import Phase, build_training, poly_lr, set_lr, train_step, validate
+
+log = logging.getLogger("amp_check")
+
+
+def train_then_validate(cfg: Config, device: torch.device, amp: torch.dtype | None,
+                        batches: Iterable[tuple[int, dict]], steps: int,
+                        valid: dict[str, dict[int, torch.Tensor]], perceptual: PerceptualLoss | None = None) -> float:
+    """Train a fresh model (seed `cfg.seed`) on `steps` (epoch, batch) items, then its mean validation PSNR.
+
+    The lr follows the config's polynomial decay compressed to `steps` (so the
+    run settles by its end); validation runs in the training precision.
+    """
+    run = build_training(cfg, device, perceptual=perceptual, amp=amp)
+    schedule = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=steps))
+    for step, (epoch, batch) in zip(range(steps), batches):
+        set_lr(run.optimizer, poly_lr(schedule, step))
+        train_step(run, {key: value.to(device) for key, value in batch.items()}, Phase.at(cfg, epoch))
+    total, _, count = validate(run.model, valid, device, cfg.test.batch_size, amp)
+    return total / count
+
+
+def amp_check(cfg: Config, device: torch.device, amp: torch.dtype, steps: int) -> dict[str, float]:
+    """Validation PSNR (dB) after `steps` training steps from the same seed in fp32 and in `amp`:
+    -> {"fp32": psnr, "mixed": psnr}."""
+    train_rows, valid_rows = data_rows(cfg, "train"), data_rows(cfg, "valid")
+    if train_rows is None or valid_rows is None:
+        raise FileNotFoundError(f"the mixed-precision check needs data: data.root={cfg.data.root} with lists")
+    cache = SliceCache(resolve_path(cfg.data.cache_dir), resolve_path(cfg.data.root), cfg.data)
+    cache.ensure([name for name, _ in valid_rows])
+    loader = make_train_loader(cfg, cache, train_rows, seed=cfg.seed)
+    seqs = {name: available(code) for name, code in valid_rows}
+    if all(len(s) < 2 for s in seqs.values()):  # no translation to validate: use all four sequences
+        seqs = {name: list(range(N_SEQ)) for name in seqs}
+    valid = {name: {s: load_eval_stack(cache, name, s, cfg.train.val_slices) for s in names}
+             for name, names in seqs.items()}
+    perceptual, _ = perceptual_for(cfg, device)
+    per_epoch = loader.sampler.batches_per_epoch
+
+    def batches():
+        for step, batch in enumerate(loader_batches(loader)):
+            yield step // per_epoch, {key: value for key, value in batch.items() if key != "name"}
+
+    results = {}
+    for label, precision in (("fp32", None), ("mixed", amp)):
+        results[label] = train_then_validate(cfg, device, precision, batches(), steps, valid, perceptual)
+        log.info("%s: validation PSNR %.3f dB after %d steps", label, results[label], steps)
+    return results
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("-d", "--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("-c", "--config", required=True, help="YAML config")
+    p.add_argument("--steps", type=int, default=300, help="training steps of each run")
+    add_set_arg(p)
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.set)
+        device = resolve_device(args.device)
+        mixed = amp_dtype(device, "auto")
+        if mixed is None:
+            log.warning("no bf16 units on this CPU: the check runs emulated bf16, much slower than fp32")
+        psnr = amp_check(cfg, device, mixed or torch.bfloat16, args.steps)
+    except (ConfigError, DeviceError, BratsDataError, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 2
+    print(f"validation PSNR after {args.steps} steps: fp32 {psnr['fp32']:.3f} dB, "
+          f"mixed ({mixed or torch.bfloat16}) {psnr['mixed']:.3f} dB, difference {psnr['mixed'] - psnr['fp32']:+.3f} dB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
