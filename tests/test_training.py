@@ -331,9 +331,11 @@ def test_the_training_loop_skips_a_degenerate_step(phantom_dir, tmp_path, monkey
     assert read_log(run)[3]["skipped"] == "1"
 
 
-def test_the_step_equals_the_grouped_decoder_it_replaced():
-    """Per-sample hyper-conv kernels (one grouped convolution, no grouping by code on the host) give
-    the loss of the decoder that grouped the batch by target code and ran one convolution per group:
+@pytest.mark.parametrize("group_by_code", [False, True])
+def test_the_step_equals_the_grouped_decoder_it_replaced(group_by_code):
+    """Per-sample hyper-conv kernels (one grouped convolution, no grouping by code on the host; and
+    train.sync_free=false's grouping on the host, the CPU default) give the loss of the decoder that
+    grouped the batch by target code and ran one convolution per group:
     values pinned from that implementation on fixed seeds (tiny paper-config model, three pairs, VQC
     sampling and the contrastive term on; domain augmentation off: its draws changed)."""
     from vq.bench import synthetic_batch
@@ -344,6 +346,7 @@ def test_the_step_equals_the_grouped_decoder_it_replaced():
                        "data.crop=32", "train.domain_aug=false", "train.lambda_per=0.1"])
     torch.manual_seed(0)
     model = build_model(cfg.model)
+    model.decoder.group_by_code = group_by_code
     recipe = Recipe(model, cfg, PerceptualLoss(pretrained=False, allow_random=True))
     batch = synthetic_batch(cfg, 3, torch.device("cpu"))
     assert len({*batch["src_idx"].tolist(), *batch["tgt_idx"].tolist()}) == 4  # four codes in the decode

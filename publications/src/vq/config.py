@@ -154,6 +154,10 @@ class TrainConfig:
     """Activation checkpointing of encoder, decoder and VGG blocks: far less memory, about 1/3 more compute."""
     compile: bool = False
     """torch.compile the training step's forward and loss (one graph; docs/speed.md: off where it does not pay)."""
+    sync_free: bool | None = None
+    """True: the step never waits for the device, a batch of mixed target codes decodes as one
+    grouped convolution; False: the decoder groups the batch by code on the host first (1.5x faster
+    decoding on a CPU, where the read costs nothing); None: True except eager on a CPU."""
     cuda_graph: bool = False
     """Capture the whole training step as a CUDA graph per phase and replay it (CUDA, one process,
     no compile, no checkpointing): for small batches, where the GPU waits on kernel launches."""

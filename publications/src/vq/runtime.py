@@ -157,10 +157,12 @@ def in_chunks(fn, *tensors: torch.Tensor, recompute: bool = False) -> torch.Tens
 
 
 def apply_speed_switches(checkpointing: bool, channels_last: bool, model: torch.nn.Module,
-                         perceptual: torch.nn.Module | None = None) -> None:
+                         perceptual: torch.nn.Module | None = None, sync_free: bool = True) -> None:
     """train.checkpointing: activation checkpointing of the model's encoder and decoder and of
     VGG19's blocks, plus glibc's fixed mmap threshold on CPU (`return_freed_memory`);
-    train.channels_last: the model's and VGG19's 4-D weights in channels_last."""
+    train.channels_last: the model's and VGG19's 4-D weights in channels_last;
+    train.sync_free false: the decoder groups a batch by target code on the host."""
+    model.decoder.group_by_code = not sync_free
     if checkpointing:
         model.set_checkpointing(True)
         if perceptual is not None:

@@ -194,6 +194,9 @@ class Training:
     counts: torch.Tensor
     """(3,) int64 on the device: steps taken (from the start step), steps skipped, first step with a
     non-finite loss (-1: none)."""
+    sync_free: bool = True
+    """train.sync_free as resolved for this device: False checks a degenerate batch on the host and
+    skips its backward and update (cheaper on a CPU than a step undone on the device)."""
     keys: list[str] = field(default_factory=list)
     """Names of the statistics, in the order of `values` (known after the first step)."""
     values: torch.Tensor | None = None
@@ -210,7 +213,7 @@ def build_training(cfg: Config, device: torch.device, model: nn.Module | None = 
     """Everything a run trains with, as the training script and the benchmark use it.
 
     model: None builds a fresh one from `cfg.seed`. The speed switches of the config
-    (checkpointing, channels_last) are applied here; `ddp` wraps the recipe in
+    (checkpointing, channels_last, sync_free) are applied here; `ddp` wraps the recipe in
     DistributedDataParallel (its forward is what backward averages); `train.compile`
     compiles it. start_step: the step count a resumed run starts from.
     """
@@ -219,18 +222,19 @@ def build_training(cfg: Config, device: torch.device, model: nn.Module | None = 
         model = build_model(cfg.model)
     model = model.to(device).train()
     t = cfg.train
-    apply_speed_switches(t.checkpointing, t.channels_last, model, perceptual)
+    sync_free = t.sync_free if t.sync_free is not None else device.type != "cpu" or t.compile or t.cuda_graph
+    apply_speed_switches(t.checkpointing, t.channels_last, model, perceptual, sync_free)
     recipe = loss_fn = Recipe(model, cfg, perceptual, amp)
     if ddp:
         loss_fn = DistributedDataParallel(recipe, device_ids=[device.index] if device.type == "cuda" else None)
-    if t.compile:  # DDP splits the graph at its gradient buckets
-        loss_fn = torch.compile(loss_fn, fullgraph=not ddp)
+    if t.compile:  # DDP splits the graph at its gradient buckets; the k-means init breaks it once, on step 1
+        loss_fn = torch.compile(loss_fn, fullgraph=not ddp and cfg.model.codebook_init != "kmeans")
     if t.cuda_graph and (device.type != "cuda" or ddp or t.compile or t.checkpointing):
         raise ValueError("train.cuda_graph needs a CUDA device, one process, train.compile=false and "
                          "train.checkpointing=false")
     optimizer = make_optimizer(model, cfg, capturable=device.type == "cuda")
     counts = torch.tensor([start_step, 0, -1], device=device)
-    return Training(cfg, model, recipe, optimizer, loss_fn, counts)
+    return Training(cfg, model, recipe, optimizer, loss_fn, counts, sync_free)
 
 
 def train_step(run: Training, batch: dict[str, torch.Tensor], phase: Phase) -> None:
@@ -238,7 +242,7 @@ def train_step(run: Training, batch: dict[str, torch.Tensor], phase: Phase) -> N
     for the device, so steps queue up until `read_stats`.
 
     A degenerate batch (`Recipe.inputs`, with train.skip_degenerate) is stepped and then undone on
-    the device: weights, buffers and optimizer state get their values back and the step counts as
+    the device (with train.sync_free false: found on the host, and not stepped): weights, buffers and optimizer state get their values back and the step counts as
     skipped, as the reference's `continue` (the random draws of the step are consumed). A
     non-finite loss is recorded with its step, and `read_stats` raises it: the loop reads before
     every log row, checkpoint and validation, so no such weights are saved.
@@ -255,6 +259,7 @@ def train_step(run: Training, batch: dict[str, torch.Tensor], phase: Phase) -> N
 
 def _step(run: Training, batch: dict[str, torch.Tensor], phase: Phase, undoable: bool,
           force_skip: bool = False) -> None:
+    on_host, undoable = undoable and not run.sync_free, undoable and run.sync_free
     state = _state_tensors(run) if undoable else []
     before = [t.clone() for t in state]
     loss, stats, ok = run.loss_fn(batch["src"], batch["tgt"], batch["src_idx"], batch["tgt_idx"], phase)
@@ -264,6 +269,9 @@ def _step(run: Training, batch: dict[str, torch.Tensor], phase: Phase, undoable:
         ok = flag.bool()
     if force_skip:
         ok = torch.zeros_like(ok)
+    if on_host and not bool(ok):  # train.sync_free false: no backward, no update, nothing to undo
+        _record(run, stats, loss, ok)
+        return
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()
