@@ -43,7 +43,7 @@ from vq.weights import MissingWeightsError
 
 log = logging.getLogger("train")
 LOG_COLUMNS = ["step", "epoch", "lr", "loss", "l1", "ssim", "per", "vq", "con", "perplexity", "usage",
-               "slices_per_s", "val_psnr", "val_psnr_brain", "skipped"]
+               "slices_per_s", "val_psnr", "val_psnr_brain", "skipped", "elapsed_s"]
 
 
 def parse_args(argv=None):
@@ -208,9 +208,11 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device, data) 
         if new_log:
             log_csv.writeheader()
 
+    started = time.perf_counter()
+
     def record(row: dict, scalars: dict[str, float] | None = None) -> None:
-        if main_rank:
-            log_csv.writerow(row)
+        if main_rank:  # elapsed_s: wall seconds of this process's training (since the resume, if resumed)
+            log_csv.writerow({**row, "elapsed_s": round(time.perf_counter() - started, 1)})
             for key, value in (scalars or {}).items():
                 writer.add_scalar(key, value, step)
 
