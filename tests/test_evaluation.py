@@ -440,3 +440,30 @@ def test_fewer_test_slices_score_and_write_the_central_ones(trained_run, phantom
     z = canonical(written).shape[2]
     start = (z - cfg.data.n_slices) // 2 + mid - 4
     assert list(filled) == list(range(start, start + 8))
+
+
+def test_demo_curve_reads_runs_and_writes_table_and_figure(tmp_path):
+    """tools/demo_curve.py: one row per run with its steps and minutes (the last log row's elapsed_s),
+    the goal counts from its evaluation, the table and the figure; a run not evaluated is named."""
+    from vq.tools.demo_curve import main as curve_main
+
+    def entry(method, src, tgt, psnr_brain):
+        row = {key: math.nan for key in SUMMARY_COLUMNS}
+        row.update(method=method, steps="single", src=src, tgt=tgt, n=1, psnr_brain=psnr_brain,
+                   ssim_brain=0.6 if method == "model" else 0.5, contrast_error=0.1, tissue_order=1.0)
+        return row
+
+    for name, psnr_brain in (("short", 19.0), ("long", 23.0)):
+        run = tmp_path / name
+        (run / "results").mkdir(parents=True)
+        (run / "log.csv").write_text("step,val_psnr_brain,elapsed_s\n10,,30.0\n20,18.5,66.0\n24,,90.0\n")
+        write_summary([entry("model", "t1", "t2", psnr_brain), entry("copy_source", "t1", "t2", 20.0)],
+                      run / "results" / "summary.csv", run / "results" / "summary.md")
+    assert curve_main([str(tmp_path / "short"), str(tmp_path / "long"), "-o", str(tmp_path / "out")]) == 0
+    _, rows = read_csv(tmp_path / "out" / "demo_curve.csv")
+    assert [(r["run"], r["steps"], float(r["minutes"]), r["beats_copy_psnr"], r["meets_goal"]) for r in rows] == [
+        ("short", "24", 1.5, "0", "0"), ("long", "24", 1.5, "1", "1")]
+    assert (tmp_path / "out" / "demo_curve.png").stat().st_size > 10_000
+    assert "| long | 24 | 1.5 | 23.00 / 20.00 |" in (tmp_path / "out" / "demo_curve.md").read_text()
+    (tmp_path / "long" / "results" / "summary.csv").unlink()
+    assert curve_main([str(tmp_path / "long"), "-o", str(tmp_path / "out")]) == 2

@@ -26,7 +26,7 @@ from vq.runtime import DeviceError, amp_dtype, resolve_device
 from vq.weights import MissingWeightsError
 
 USER_ERRORS = (ConfigError, DeviceError, BratsDataError, DataListError, NiftiError, CheckpointError,
-               MissingWeightsError, FileExistsError)
+               MissingWeightsError, FileExistsError, FileNotFoundError)
 
 
 def add_model_args(parser: argparse.ArgumentParser, out: bool = True) -> None:
