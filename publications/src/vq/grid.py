@@ -1,10 +1,10 @@
 """Sources on different grids: a common working grid, resampling through the affines, rigid registration.
 
-Sequences of one session share scanner coordinates, so a voxel of one maps to a voxel of
+Sequences of one scanner visit share its coordinates, so a voxel of one maps to a voxel of
 another through their affines (voxel index -> world mm, RAS). Synthesis brings every source
 onto one working grid: the first source's axes and field of view at the model's training
 spacing (1 mm), axial slices along its last RAS+ axis; it translates there and resamples
-the prediction back (tools/synthesize.py). Scans that are not aligned (another session,
+the prediction back (tools/synthesize.py). Scans that are not aligned (another scanner visit,
 patient motion) get a rigid transform from `register_rigid` (SimpleITK, Mattes mutual
 information). A `world` matrix below maps world points of the grid being filled to world
 points of the image read (identity for aligned scans).

@@ -63,7 +63,7 @@ def parse_args(argv=None):
                    help=f"an available sequence ({', '.join(SEQUENCES)}) and its file; repeatable, the first sets the grid")
     p.add_argument("--tgt", nargs="+", required=True, type=sequence, help="sequences to synthesise")
     p.add_argument("--register", action="store_true",
-                   help="rigidly align the other sources to the first (for scans of another session or with motion)")
+                   help="rigidly align the other sources to the first (for scans of another scanner visit or with motion)")
     p.add_argument("--mask", type=Path, help="brain mask (non-zero = brain) on the first source's grid or aligned to it")
     p.add_argument("--grid", choices=("first", "each", "work"), default="first",
                    help="write outputs on the first source's grid, on each source's grid, or on the 1 mm working grid")
@@ -123,7 +123,7 @@ def on_working_grid(sources: dict, world: dict, mask_path: Path | None):
         brain = mask if mask is not None else data[next(iter(sources))] > 0
         if not (seen[s] & brain).any():
             raise NiftiError(f"{vol.path}: no overlap with {first.path} in scanner coordinates; pass --register "
-                             "if the scans are from different sessions, or check the file's affine")
+                             "if the scans are from different scanner visits, or check the file's affine")
         if mask is not None:
             data[s] *= mask
         elif (vol.data != 0).mean() > STRIPPED_MAX_FOREGROUND:
