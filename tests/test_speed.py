@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import CONFIGS, tiny_overrides
 from vq import runtime
-from vq.bench import full_recipe, synthetic_batch
+from vq.bench import count_flops, full_recipe, synthetic_batch
 from vq.config import load_config
 from vq.dataloader.brats import SliceCache
 from vq.dataloader.datasets import load_eval_stack
@@ -111,6 +111,16 @@ def test_benchmark_writes_the_documented_json(phantom_dir, tmp_path):
     # a training step costs more than a translation (two encodings, six decodings, backward)
     assert result["flops_per_slice"]["train"] > 5 * result["flops_per_slice"]["infer"]
     assert 0 < result["data_wait_share"] < 1
+
+
+def test_the_benchmark_counts_training_at_the_training_crop():
+    """The demo trains on data.train_crop crops and is evaluated on data.crop: a training step on
+    half the side costs a quarter (convolutions and the codebook scale with the area), inference not."""
+    cpu = torch.device("cpu")
+    small = count_flops(tiny_demo("data.crop=64", "data.train_crop=32")[0], cpu, None)
+    full = count_flops(tiny_demo("data.crop=64", "data.train_crop=null")[0], cpu, None)
+    assert small["infer"] == full["infer"]
+    assert small["train"] == pytest.approx(full["train"] / 4, rel=0.01)
 
 
 @pytest.mark.parametrize("units, expected", [("avx512_bf16", torch.bfloat16), ("amx_bf16", torch.bfloat16),

@@ -79,15 +79,16 @@ def perceptual_for(cfg: Config, device: torch.device) -> tuple[PerceptualLoss | 
                 "VGG19 ImageNet weights not found: perceptual loss timed with an untrained VGG19 of the same shape")
 
 
-def synthetic_batch(cfg: Config, batch: int, device: torch.device, seed: int = 0) -> dict:
+def synthetic_batch(cfg: Config, batch: int, device: torch.device, seed: int = 0, crop: int | None = None) -> dict:
     """A training batch without data: (B,1,crop,crop) images in [-1, 1] and neighbouring pairs.
+    `crop` defaults to data.crop (evaluation's size); training passes `data.training_crop`.
 
     Each image is a smoothly textured ellipse (about 60% of the crop, like a brain
     slice) on the -1 background, so the foreground-dependent terms (consistency,
     contrastive, augmentation) do their usual work.
     """
     gen = torch.Generator().manual_seed(seed)
-    crop = cfg.data.crop
+    crop = crop or cfg.data.crop
     axis = torch.linspace(-1, 1, crop)
     inside = (axis[:, None] / 0.75) ** 2 + (axis[None, :] / 0.9) ** 2 < 1  # (crop, crop)
     texture = F.interpolate(torch.rand(2 * batch, 1, 12, 12, generator=gen), size=(crop, crop),
@@ -154,10 +155,10 @@ class PeakMemory:
 # ----------------------------------------------------------------------------- timing
 def time_train(cfg: Config, device: torch.device, amp: torch.dtype | None, perceptual: PerceptualLoss | None,
                steps: int, warmup: int) -> Speed:
-    """Full training steps (`vq.training.train_step`: recipe, backward, AdamW) at the config's crop and
-    train.batch_size, set up by `build_training` as the training script does (train.compile included)."""
+    """Full training steps (`vq.training.train_step`: recipe, backward, AdamW) at the config's training
+    crop and train.batch_size, set up by `build_training` as the training script does (train.compile included)."""
     run = build_training(cfg, device, perceptual=perceptual, amp=amp)
-    batch = synthetic_batch(cfg, cfg.train.batch_size, device)
+    batch = synthetic_batch(cfg, cfg.train.batch_size, device, crop=cfg.data.training_crop)
     batch.update({k: batch[k].contiguous(memory_format=_memory_format(cfg)) for k in ("src", "tgt")})
     phase = full_recipe(cfg)
     for _ in range(warmup):
@@ -201,18 +202,19 @@ def count_flops(cfg: Config, device: torch.device, perceptual: PerceptualLoss | 
     translation of each source with p = 0.5, docs/method.md step 4) is counted at its
     expected rate: the counted step's actual number of augmented sources (seen
     by a hook on the model's own forward, which only the augmentation calls) is
-    replaced by B/2 translations at the inference cost. The optimizer step is
-    elementwise and not counted, as FlopCounterMode counts matmuls and convs.
+    replaced by B/2 translations at the inference cost (at the training crop). The optimizer
+    step is elementwise and not counted, as FlopCounterMode counts matmuls and convs.
     """
     run = build_training(cfg, device, perceptual=perceptual)
     model = run.model
-    infer = synthetic_batch(cfg, 1, device)["src"]
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(infer, 0)
-    per_translation = counter.get_total_flops()
 
-    batch_size = cfg.train.batch_size
-    batch = synthetic_batch(cfg, batch_size, device)
+    def translation_flops(crop: int) -> int:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(synthetic_batch(cfg, 1, device, crop=crop)["src"], 0)
+        return counter.get_total_flops()
+
+    batch_size, crop = cfg.train.batch_size, cfg.data.training_crop
+    batch = synthetic_batch(cfg, batch_size, device, crop=crop)
     augmented: list[int] = []
     hook = model.register_forward_hook(lambda module, args, out: augmented.append(len(args[0])))
     phase = full_recipe(cfg)
@@ -221,8 +223,8 @@ def count_flops(cfg: Config, device: torch.device, perceptual: PerceptualLoss | 
         loss.backward()
     hook.remove()
     expected = batch_size / 2 if phase.domain_aug else 0
-    train = counter.get_total_flops() + (expected - sum(augmented)) * per_translation
-    return {"train": train / batch_size, "infer": float(per_translation)}
+    train = counter.get_total_flops() + (expected - sum(augmented)) * translation_flops(crop)
+    return {"train": train / batch_size, "infer": float(translation_flops(cfg.data.crop))}
 
 
 def peak_tflops(device: torch.device, dtype: torch.dtype, n: int = 4096, repeats: int = 3,
@@ -381,12 +383,13 @@ def _timed(call, batch: int, steps: int, warmup: int, wait) -> dict[str, float]:
 def time_train_mode(cfg: Config, device: torch.device, amp: torch.dtype | None, perceptual: PerceptualLoss | None,
                     mode: str, steps: int, warmup: int) -> dict[str, float]:
     """The training step (`train_step`, full recipe) run eagerly, compiled (train.compile) or replayed
-    from a CUDA graph (train.cuda_graph), at train.batch_size."""
+    from a CUDA graph (train.cuda_graph), at train.batch_size and data.training_crop."""
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=mode == "compiled",
                                                              cuda_graph=mode == "graphed"))
     torch._dynamo.reset()  # compile from scratch: the setup time is part of the result
     run = build_training(cfg, device, perceptual=perceptual, amp=amp)
-    batch, phase = synthetic_batch(cfg, cfg.train.batch_size, device), full_recipe(cfg)
+    batch = synthetic_batch(cfg, cfg.train.batch_size, device, crop=cfg.data.training_crop)
+    phase = full_recipe(cfg)
     return _timed(lambda: train_step(run, batch, phase), cfg.train.batch_size, steps, warmup,
                   lambda: (read_stats(run), sync(device)))
 

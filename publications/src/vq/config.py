@@ -76,6 +76,11 @@ class DataConfig:
     """Train without subjects whose files are missing or broken (default: such a subject stops the
     run before its first step, naming it)."""
 
+    @property
+    def training_crop(self) -> int:
+        """The side of a training crop: `train_crop` when smaller than `crop`, else `crop`."""
+        return min(self.train_crop or self.crop, self.crop)
+
 
 @dataclass
 class ModelConfig:

@@ -60,7 +60,7 @@ class PairDataset(Dataset):
         src, tgt = (int(i) for i in rng.choice(train_sequences(code, self.cfg.missing), size=2, replace=False))
         src_vol, tgt_vol = self.cache.volume(name, src), self.cache.volume(name, tgt)  # (S, X, Y) float16
         index = self.offset(rng, src_vol.shape[0], 1)
-        size = min(self.cfg.train_crop or self.cfg.crop, self.cfg.crop)
+        size = self.cfg.training_crop
         if size == self.cfg.crop:
             start = tuple(self.offset(rng, n, size) for n in src_vol.shape[1:])
         else:  # inside the centred `crop` window
