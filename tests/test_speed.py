@@ -14,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import CONFIGS, tiny_overrides
-from vq import runtime
+from vq import bench, runtime
 from vq.bench import count_flops, full_recipe, synthetic_batch
 from vq.config import load_config
 from vq.dataloader.brats import SliceCache
@@ -309,19 +309,38 @@ def test_compiled_and_eager_steps_agree(monkeypatch):
 @pytest.mark.slow
 def test_mode_benchmark_writes_its_json_on_cpu(tmp_path, monkeypatch):
     """The eager / compiled / CUDA-graph benchmark runs end to end with -d cpu; the CUDA-graph rows are
-    skipped there with a note."""
+    skipped there with a note, and with train.sync_free auto (host-grouped eager on a CPU) the training
+    step is also timed sync-free eager and host-grouped compiled."""
     aot_eager(monkeypatch)
     out = tmp_path / "modes.json"
     code = benchmark_main(["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--compare",
                            "--batches", "1", "2", "--steps", "1", "--warmup", "0", "--json", str(out),
-                           "--set", *TINY])
+                           "--set", *TINY, "train.sync_free=null"])
     assert code == 0
     result = json.loads(out.read_text())
     assert any("graphed: skipped" in note for note in result["notes"])
     (record,) = result["records"]
     assert set(record["batches"]) == {"1", "2"}
     for entry in record["batches"].values():
+        assert set(entry["train"]) == {"eager", "eager, sync-free", "compiled", "compiled, host-grouped"}
+        assert set(entry["infer"]) == {"eager", "compiled"}
         for task in ("train", "infer"):
-            assert set(entry[task]) == {"eager", "compiled"}
             assert all(m["slices_per_s"] > 0 and m["first_call_s"] > 0 for m in entry[task].values())
     assert "| demo_phantom_cpu.yaml | 2 | train | compiled |" in out.with_suffix(".md").read_text()
+
+
+def test_setup_time_counts_a_compile_in_the_warm_up(monkeypatch):
+    """A compiled step may compile again on its second call (after the k-means initialisation of the
+    first): the setup is the wall time beyond the steady rate, whichever call spent it."""
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    costs = iter([50.0, 30.0, 1.0, 1.0, 1.0])  # first call, one warm-up call that compiles, 3 steady
+
+    def call():
+        clock[0] += next(costs)
+
+    timed = bench._timed(call, batch=4, steps=3, warmup=1, wait=lambda: None)
+    assert timed["slices_per_s"] == pytest.approx(4.0)
+    assert timed["first_call_s"] == pytest.approx(50.0)
+    assert timed["setup_s"] == pytest.approx(83.0 - 5.0)
+    assert timed["slices_per_s_incl_setup"] == pytest.approx(20 / 83.0)

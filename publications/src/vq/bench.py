@@ -357,35 +357,58 @@ def data_wait_share(cfg: Config, device: torch.device, amp: torch.dtype | None,
 
 # ----------------------------------------------------------------------------- eager, compiled, CUDA graph
 MODES = ("eager", "compiled", "graphed")
-"""How a step runs: as written, through torch.compile (fullgraph), replayed from a CUDA graph."""
+"""How inference runs: as written, through torch.compile (fullgraph), replayed from a CUDA graph."""
 
 
 def _timed(call, batch: int, steps: int, warmup: int, wait) -> dict[str, float]:
-    """Time `call()`: the first call alone (compilation or capture included), then `steps` calls after
-    `warmup` more; `wait()` waits for the device. Slices/s without and with the first call."""
+    """Time `call()`: the first call alone (compilation or capture included), `warmup` more (a compiled
+    step may compile again there, e.g. after the k-means codebook initialisation of its first call),
+    then `steps` calls; `wait()` waits for the device. Slices/s in steady state and over all calls;
+    setup_s is the wall time beyond what all calls would take at the steady rate."""
     tic = time.perf_counter()
     call()
     wait()
     first = time.perf_counter() - tic
+    tic = time.perf_counter()
     for _ in range(warmup):
         call()
     wait()
+    warm = time.perf_counter() - tic
     tic = time.perf_counter()
     for _ in range(steps):
         call()
     wait()
     seconds = time.perf_counter() - tic
-    total = first + seconds * (1 + warmup / steps)  # warm-up calls cost what timed ones do
-    return {"slices_per_s": steps * batch / seconds, "slices_per_s_incl_setup": (1 + warmup + steps) * batch / total,
-            "first_call_s": first, "setup_s": max(first - seconds / steps, 0.0)}
+    calls, total = 1 + warmup + steps, first + warm + seconds
+    return {"slices_per_s": steps * batch / seconds, "slices_per_s_incl_setup": calls * batch / total,
+            "first_call_s": first, "setup_s": max(total - calls * seconds / steps, 0.0)}
+
+
+TRAIN_MODES = {"eager": {}, "eager, sync-free": {"sync_free": True}, "compiled": {"compile": True},
+               "compiled, host-grouped": {"compile": True, "sync_free": False}, "graphed": {"cuda_graph": True}}
+"""The training step's variants (train.* switches over the config's): as written (train.sync_free
+auto: off on a CPU, on elsewhere), sync-free, compiled (sync-free, fullgraph), compiled with the
+host's grouping by code (graph breaks at each decode), replayed from a CUDA graph. The two
+sync-free/host-grouped variants are timed where the eager default is host-grouped (a CPU)."""
+
+
+def train_modes(cfg: Config, device: torch.device) -> list[str]:
+    """The `TRAIN_MODES` worth timing on this device: CUDA graphs need CUDA; the sync-free and
+    host-grouped variants differ from "eager" and "compiled" only where eager is host-grouped."""
+    eager_sync_free = cfg.train.sync_free if cfg.train.sync_free is not None else device.type != "cpu"
+    modes = ["eager", "compiled"]
+    if not eager_sync_free:
+        modes[1:1] = ["eager, sync-free"]
+        modes.append("compiled, host-grouped")
+    return modes + (["graphed"] if device.type == "cuda" else [])
 
 
 def time_train_mode(cfg: Config, device: torch.device, amp: torch.dtype | None, perceptual: PerceptualLoss | None,
                     mode: str, steps: int, warmup: int) -> dict[str, float]:
-    """The training step (`train_step`, full recipe) run eagerly, compiled (train.compile) or replayed
-    from a CUDA graph (train.cuda_graph), at train.batch_size and data.training_crop."""
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=mode == "compiled",
-                                                             cuda_graph=mode == "graphed"))
+    """The training step (`train_step`, full recipe) in one of `TRAIN_MODES`, at train.batch_size and
+    data.training_crop."""
+    switches = {"compile": False, "cuda_graph": False, **TRAIN_MODES[mode]}
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **switches))
     torch._dynamo.reset()  # compile from scratch: the setup time is part of the result
     run = build_training(cfg, device, perceptual=perceptual, amp=amp)
     batch = synthetic_batch(cfg, cfg.train.batch_size, device, crop=cfg.data.training_crop)
@@ -416,8 +439,8 @@ def time_infer_mode(cfg: Config, device: torch.device, amp: torch.dtype | None, 
 
 def compare_modes(cfg: Config, config_name: str, device: torch.device, amp: torch.dtype | None,
                   batches: list[int], steps: int, warmup: int) -> tuple[dict, list[str]]:
-    """Training and inference slices/s in every mode (`MODES`) at each batch size -> (record, notes).
-    CUDA-graph rows need CUDA: skipped elsewhere, with a note."""
+    """Training slices/s in each of `train_modes` and inference slices/s in each of `MODES`, at each
+    batch size -> (record, notes). CUDA-graph rows need CUDA: skipped elsewhere, with a note."""
     perceptual, note = perceptual_for(cfg, device)
     notes = [note]
     modes = MODES
@@ -430,9 +453,10 @@ def compare_modes(cfg: Config, config_name: str, device: torch.device, amp: torc
     for batch in batches:
         sized = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
         entry = record["batches"][str(batch)] = {"train": {}, "infer": {}}
-        for mode in modes:
+        for mode in train_modes(cfg, device):
             log.info("batch %d, %s: training step", batch, mode)
             entry["train"][mode] = time_train_mode(sized, device, amp, perceptual, mode, steps, warmup)
+        for mode in modes:
             log.info("batch %d, %s: inference", batch, mode)
             entry["infer"][mode] = time_infer_mode(sized, device, amp, mode, batch, steps, warmup)
     return record, notes

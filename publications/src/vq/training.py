@@ -227,8 +227,9 @@ def build_training(cfg: Config, device: torch.device, model: nn.Module | None = 
     recipe = loss_fn = Recipe(model, cfg, perceptual, amp)
     if ddp:
         loss_fn = DistributedDataParallel(recipe, device_ids=[device.index] if device.type == "cuda" else None)
-    if t.compile:  # DDP splits the graph at its gradient buckets; the k-means init breaks it once, on step 1
-        loss_fn = torch.compile(loss_fn, fullgraph=not ddp and cfg.model.codebook_init != "kmeans")
+    if t.compile:  # DDP splits the graph at its gradient buckets; the k-means init breaks it once, on step 1;
+        # without sync_free, the decoder's grouping by code on the host breaks it at every decode
+        loss_fn = torch.compile(loss_fn, fullgraph=not ddp and sync_free and cfg.model.codebook_init != "kmeans")
     if t.cuda_graph and (device.type != "cuda" or ddp or t.compile or t.checkpointing):
         raise ValueError("train.cuda_graph needs a CUDA device, one process, train.compile=false and "
                          "train.checkpointing=false")
