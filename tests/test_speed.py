@@ -20,6 +20,7 @@ from vq.config import load_config
 from vq.dataloader.brats import SliceCache
 from vq.dataloader.datasets import load_eval_stack
 from vq.dataloader.lists import read_list
+from vq.inference import Translator
 from vq.models import build_model
 from vq.sequences import N_SEQ, SEQUENCES, train_pair
 from vq.tools.amp_check import train_then_validate
@@ -277,6 +278,24 @@ def test_training_step_and_inference_compile_as_one_graph():
     with torch.no_grad():
         explained = torch._dynamo.explain(model)(batch["src"], model.target_code(2))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_compiled_inference_compiles_once_and_matches_eager(monkeypatch):
+    """test.compile: encode and decode compile once each (the last, short chunk is padded to the batch
+    size; a target index becomes a code row outside the graph), and translate as eager does."""
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))
+    cfg = tiny_demo()[0]
+    model = build_model(cfg.model)
+    stack = synthetic_batch(cfg, 5, torch.device("cpu"))["src"]  # chunks of 3 + 2
+    torch._dynamo.reset()
+    compiled = Translator(model, "cpu", None, batch_size=3, compile=True)
+    got = [compiled.translate(stack, path) for path in ([0, 2], [0, 3], [1, 2, 3])]
+    assert counter.frame_count == 2
+    eager = Translator(model, "cpu", None, batch_size=3)
+    for path, out in zip(([0, 2], [0, 3], [1, 2, 3]), got):
+        torch.testing.assert_close(out, eager.translate(stack, path), rtol=1e-5, atol=1e-5)
 
 
 def aot_eager(monkeypatch):

@@ -79,9 +79,10 @@ def load_trained_model(cfg: Config, checkpoint: str, device: torch.device) -> to
 
 
 def load_translator(cfg: Config, checkpoint: str, device: torch.device) -> Translator:
-    """`load_trained_model` wrapped for batched inference with the config's test settings (amp, batch size)."""
+    """`load_trained_model` wrapped for batched inference with the config's test settings (amp, batch size,
+    compile)."""
     model = load_trained_model(cfg, checkpoint, device)
-    return Translator(model, device, amp_dtype(device, cfg.test.amp), cfg.test.batch_size)
+    return Translator(model, device, amp_dtype(device, cfg.test.amp), cfg.test.batch_size, cfg.test.compile)
 
 
 def open_test_run(args: argparse.Namespace, result: str, n_subjects: int | None = None) -> TestRun:

@@ -199,6 +199,9 @@ class TestConfig:
     n_slices: int | None = None
     """Central slices evaluated per volume (None, or not fewer: all `data.n_slices`, the paper's
     protocol). Fewer only to make a CPU demo quicker: its numbers are then not the protocol's."""
+    compile: bool = False
+    """torch.compile inference (encode and decode, one graph each) in evaluation, the claim scripts,
+    synthesis and BraSyn completion: a compilation per run, repaid only on long runs (docs/speed.md)."""
 
 
 @dataclass

@@ -25,28 +25,47 @@ from vq.sequences import seq_index
 
 
 class Translator:
-    """Batched inference over stacks of slices (S,1,H,W) in [-1,1], on one device."""
+    """Batched inference over stacks of slices (S,1,H,W) in [-1,1], on one device.
 
-    def __init__(self, model: nn.Module, device: torch.device | str, amp: torch.dtype | None, batch_size: int):
+    compile: torch.compile encode and decode (one graph each, fullgraph); the last chunk of a
+    stack is padded to `batch_size` so that every call has one shape and each compiles once.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device | str, amp: torch.dtype | None, batch_size: int,
+                 compile: bool = False):
         self.model, self.device, self.amp, self.batch_size = model.eval(), torch.device(device), amp, batch_size
+        self.compiled = compile
+        self._encode, self._decode = model.encode, model.decode
+        if compile:
+            self._encode = torch.compile(model.encode, fullgraph=True)
+            self._decode = torch.compile(model.decode, fullgraph=True)
+
+    def _batches(self, stack: torch.Tensor):
+        """(chunk on the device, its number of real rows) per batch_size rows of `stack`."""
+        for chunk in stack.split(self.batch_size):
+            n = len(chunk)
+            chunk = chunk.to(self.device)
+            if self.compiled and n < self.batch_size:  # rows decode independently: padding changes no real row
+                chunk = torch.cat([chunk, chunk[-1:].expand(self.batch_size - n, *chunk.shape[1:])])
+            yield chunk, n
 
     @torch.no_grad()
     def encode(self, stack: torch.Tensor) -> torch.Tensor:
         """(S,1,H,W) -> latent (S,D,H/4,W/4), fp32, on the device."""
         out = []
-        for chunk in stack.split(self.batch_size):
+        for chunk, n in self._batches(stack):
             with autocast(self.device, self.amp):
-                out.append(self.model.encode(chunk.to(self.device)).latent.float())
+                out.append(self._encode(chunk).latent[:n].float())
         return torch.cat(out)
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor, target) -> torch.Tensor:
         """latent (S,D,h,w) -> (S,1,H,W) fp32; target: a sequence index or a (code_dim,) code vector."""
+        code = self.model.target_code(target, device=self.device)  # (1, code_dim): one code row for every chunk
         out = []
-        for chunk in latent.split(self.batch_size):
-            code = target if isinstance(target, int) else target.expand(chunk.shape[0], -1)
+        for chunk, n in self._batches(latent):
             with autocast(self.device, self.amp):
-                out.append(self.model.decode(chunk, code).float())
+                out.append(self._decode(chunk, code)[:n].float())
         return torch.cat(out)
 
     def translate(self, stack: torch.Tensor, path: list[int], memo: dict | None = None) -> torch.Tensor:

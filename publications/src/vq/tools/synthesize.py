@@ -32,13 +32,13 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from vq.cli import add_model_args, load_trained_model, run_main
+from vq.cli import add_model_args, load_translator, run_main
 from vq.config import load_config
 from vq.dataloader.preprocess import clip_value, normalize
 from vq.grid import coverage, grid_of, register_rigid, resample, working_grid
-from vq.inference import Translator, from_slices, fuse, to_slices
+from vq.inference import from_slices, fuse, to_slices
 from vq.nifti import NiftiError, load_volume, save_like, to_intensity
-from vq.runtime import amp_dtype, resolve_device
+from vq.runtime import resolve_device
 from vq.sequences import SEQUENCES, seq_index
 
 log = logging.getLogger("synthesize")
@@ -137,8 +137,7 @@ def run(args) -> None:
     cfg = load_config(args.config, args.set)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    translator = Translator(load_trained_model(cfg, args.load, device), device, amp_dtype(device, cfg.test.amp),
-                            cfg.test.batch_size)
+    translator = load_translator(cfg, args.load, device)
     out = Path(args.out)
     sources = {s: load_volume(path) for s, path in args.src}
     first = next(iter(sources.values()))
