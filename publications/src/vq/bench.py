@@ -20,6 +20,7 @@ read the data of the config. The training step is the training script's own
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import resource
@@ -41,7 +42,7 @@ from vq.losses import PerceptualLoss
 from vq.models import build_model
 from vq.runtime import autocast, capture_cuda_graph, cpu_name, seed_everything, to_channels_last
 from vq.sequences import TRAIN_PAIRS
-from vq.training import Phase, build_training, read_stats, train_step
+from vq.training import Phase, build_training, read_stats, resolve_sync_free, train_step
 from vq.weights import MissingWeightsError
 
 log = logging.getLogger(__name__)
@@ -384,22 +385,23 @@ def _timed(call, batch: int, steps: int, warmup: int, wait) -> dict[str, float]:
             "first_call_s": first, "setup_s": max(total - calls * seconds / steps, 0.0)}
 
 
-TRAIN_MODES = {"eager": {}, "eager, sync-free": {"sync_free": True}, "compiled": {"compile": True},
-               "compiled, host-grouped": {"compile": True, "sync_free": False}, "graphed": {"cuda_graph": True}}
-"""The training step's variants (train.* switches over the config's): as written (train.sync_free
-auto: off on a CPU, on elsewhere), sync-free, compiled (sync-free, fullgraph), compiled with the
-host's grouping by code (graph breaks at each decode), replayed from a CUDA graph. The two
-sync-free/host-grouped variants are timed where the eager default is host-grouped (a CPU)."""
+TRAIN_MODES = {"eager": {}, "eager_sync_free": {"sync_free": True},
+               "compiled": {"compile": True, "sync_free": True},
+               "compiled_host_grouped": {"compile": True, "sync_free": False},
+               "graphed": {"cuda_graph": True, "sync_free": True}}
+"""The training step's variants (train.* switches over the config's): as the config runs eagerly
+(train.sync_free auto: off on a CPU, on elsewhere), sync-free, compiled (sync-free), compiled with
+the host's grouping by code (graph breaks at each decode), replayed from a CUDA graph. The
+sync-free and host-grouped variants are timed where the eager step is host-grouped (a CPU)."""
 
 
 def train_modes(cfg: Config, device: torch.device) -> list[str]:
-    """The `TRAIN_MODES` worth timing on this device: CUDA graphs need CUDA; the sync-free and
-    host-grouped variants differ from "eager" and "compiled" only where eager is host-grouped."""
-    eager_sync_free = cfg.train.sync_free if cfg.train.sync_free is not None else device.type != "cpu"
+    """The `TRAIN_MODES` worth timing on this device: CUDA graphs need CUDA; "eager_sync_free" and
+    "compiled_host_grouped" differ from "eager" and "compiled" only where eager is host-grouped."""
     modes = ["eager", "compiled"]
-    if not eager_sync_free:
-        modes[1:1] = ["eager, sync-free"]
-        modes.append("compiled, host-grouped")
+    if not resolve_sync_free(cfg.train, device):
+        modes[1:1] = ["eager_sync_free"]
+        modes.append("compiled_host_grouped")
     return modes + (["graphed"] if device.type == "cuda" else [])
 
 
@@ -420,27 +422,33 @@ def time_train_mode(cfg: Config, device: torch.device, amp: torch.dtype | None, 
 @torch.no_grad()
 def time_infer_mode(cfg: Config, device: torch.device, amp: torch.dtype | None, mode: str, batch: int,
                     steps: int, warmup: int) -> dict[str, float]:
-    """Inference (encode + decode to one target) of a batch, eager, compiled (fullgraph) or replayed
+    """Inference (encode + decode to one target) of a batch: eager and compiled through `Translator`
+    (what evaluation and synthesis run; compiled is test.compile), or the model's forward replayed
     from a CUDA graph."""
     seed_everything(cfg.seed)
     torch._dynamo.reset()
     model = build_model(cfg.model).to(device).eval()
     images = synthetic_batch(cfg, batch, device)["src"]
-    code = model.target_code(2)  # (1, code_dim) on the device: nothing to copy inside a CUDA graph
+    if mode == "graphed":
+        code = model.target_code(2)  # (1, code_dim) on the device: nothing to copy inside a CUDA graph
 
-    def translate():
-        with autocast(device, amp):
-            return forward(images, code)
+        def translate():
+            with autocast(device, amp):
+                return model(images, code)
 
-    forward = torch.compile(model, fullgraph=True) if mode == "compiled" else model
-    call = capture_cuda_graph(translate).replay if mode == "graphed" else translate
+        call = capture_cuda_graph(translate).replay
+    else:
+        translator = Translator(model, device, amp, batch, compile=mode == "compiled")
+        call = functools.partial(translator.translate, images, [0, 2])
     return _timed(call, batch, steps, warmup, lambda: sync(device))
 
 
 def compare_modes(cfg: Config, config_name: str, device: torch.device, amp: torch.dtype | None,
-                  batches: list[int], steps: int, warmup: int) -> tuple[dict, list[str]]:
-    """Training slices/s in each of `train_modes` and inference slices/s in each of `MODES`, at each
-    batch size -> (record, notes). CUDA-graph rows need CUDA: skipped elsewhere, with a note."""
+                  batches: list[int] | None, steps: int, warmup: int) -> dict:
+    """Training slices/s in each of `train_modes` and inference slices/s in each of `MODES`, at each of
+    `batches` (None: train.batch_size for training, test.batch_size for
+    inference, as the config runs). CUDA-graph rows need CUDA: skipped elsewhere, with a note
+    (record["notes"]: also what was substituted, e.g. an untrained VGG19)."""
     perceptual, note = perceptual_for(cfg, device)
     notes = [note]
     modes = MODES
@@ -449,28 +457,31 @@ def compare_modes(cfg: Config, config_name: str, device: torch.device, amp: torc
         notes.append(f"graphed: skipped, CUDA graphs need a CUDA device (this is {device})")
     record = {"device": _device_name(device), "cpu": cpu_name(), "config": config_name,
               "amp": str(amp).replace("torch.", "") if amp else "fp32", "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "steps": steps, "warmup": warmup, "batches": {}}
-    for batch in batches:
+              "threads": torch.get_num_threads(), "steps": steps, "warmup": warmup, "notes": notes,
+              "train": {}, "infer": {}}
+    for batch in batches or [cfg.train.batch_size]:
         sized = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
-        entry = record["batches"][str(batch)] = {"train": {}, "infer": {}}
+        entry = record["train"][str(batch)] = {}
         for mode in train_modes(cfg, device):
-            log.info("batch %d, %s: training step", batch, mode)
-            entry["train"][mode] = time_train_mode(sized, device, amp, perceptual, mode, steps, warmup)
+            log.info("training step, batch %d, %s", batch, mode)
+            entry[mode] = time_train_mode(sized, device, amp, perceptual, mode, steps, warmup)
+    for batch in batches or [cfg.test.batch_size]:
+        entry = record["infer"][str(batch)] = {}
         for mode in modes:
-            log.info("batch %d, %s: inference", batch, mode)
-            entry["infer"][mode] = time_infer_mode(sized, device, amp, mode, batch, steps, warmup)
-    return record, notes
+            log.info("inference, batch %d, %s", batch, mode)
+            entry[mode] = time_infer_mode(cfg, device, amp, mode, batch, steps, warmup)
+    return record
 
 
 def modes_table(records: list[dict]) -> str:
     """The records of `compare_modes` as one markdown table."""
-    lines = ["| config | batch | task | mode | slices/s | slices/s incl. setup | first call (s) | setup (s) |",
+    lines = ["| config | task | batch | mode | slices/s | slices/s incl. setup | first call (s) | setup (s) |",
              "|---|---|---|---|---|---|---|---|"]
     for record in records:
-        for batch, entry in record["batches"].items():
-            for task, modes in entry.items():
+        for task in ("train", "infer"):
+            for batch, modes in record[task].items():
                 for mode, m in modes.items():
-                    lines.append(f"| {record['config']} | {batch} | {task} | {mode} | {m['slices_per_s']:.3f} | "
+                    lines.append(f"| {record['config']} | {task} | {batch} | {mode} | {m['slices_per_s']:.3f} | "
                                  f"{m['slices_per_s_incl_setup']:.3f} | {m['first_call_s']:.1f} | {m['setup_s']:.1f} |")
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ shared by the six outputs that are compared with them.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,12 +16,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vq.config import Config
+from vq.config import Config, TrainConfig
 from vq.dataloader.augment import IntensityAugment
 from vq.losses import PerceptualLoss, consistency_loss, ssim_loss
 from vq.metrics import psnr, region_psnr
 from vq.models import build_model
 from vq.runtime import apply_speed_switches, autocast, capture_cuda_graph, seed_everything
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,9 @@ class Training:
     optimizer: torch.optim.AdamW
     loss_fn: Callable
     """The recipe, DDP-wrapped and compiled as the config says."""
+    eager_fn: Callable
+    """`loss_fn` uncompiled: the step that runs the k-means codebook initialisation, so that the
+    compiled graph never holds it."""
     counts: torch.Tensor
     """(3,) int64 on the device: steps taken (from the start step), steps skipped, first step with a
     non-finite loss (-1: none)."""
@@ -222,20 +228,43 @@ def build_training(cfg: Config, device: torch.device, model: nn.Module | None = 
         model = build_model(cfg.model)
     model = model.to(device).train()
     t = cfg.train
-    sync_free = t.sync_free if t.sync_free is not None else device.type != "cpu" or t.compile or t.cuda_graph
+    sync_free = resolve_sync_free(t, device)
     apply_speed_switches(t.checkpointing, t.channels_last, model, perceptual, sync_free)
-    recipe = loss_fn = Recipe(model, cfg, perceptual, amp)
+    recipe = eager_fn = loss_fn = Recipe(model, cfg, perceptual, amp)
     if ddp:
-        loss_fn = DistributedDataParallel(recipe, device_ids=[device.index] if device.type == "cuda" else None)
-    if t.compile:  # DDP splits the graph at its gradient buckets; the k-means init breaks it once, on step 1;
-        # without sync_free, the decoder's grouping by code on the host breaks it at every decode
-        loss_fn = torch.compile(loss_fn, fullgraph=not ddp and sync_free and cfg.model.codebook_init != "kmeans")
-    if t.cuda_graph and (device.type != "cuda" or ddp or t.compile or t.checkpointing):
-        raise ValueError("train.cuda_graph needs a CUDA device, one process, train.compile=false and "
-                         "train.checkpointing=false")
+        eager_fn = loss_fn = DistributedDataParallel(recipe, device_ids=[device.index] if device.type == "cuda" else None)
+    if t.compile:
+        breaks = graph_breaks(cfg, sync_free, ddp)
+        if breaks:
+            log.info("train.compile: the step compiles in pieces: %s", "; ".join(breaks))
+        loss_fn = torch.compile(loss_fn, fullgraph=not breaks)
+    if t.cuda_graph and (device.type != "cuda" or ddp or t.compile or t.checkpointing or not sync_free):
+        raise ValueError("train.cuda_graph needs a CUDA device, one process, train.compile=false, "
+                         "train.checkpointing=false and train.sync_free not false")
     optimizer = make_optimizer(model, cfg, capturable=device.type == "cuda")
     counts = torch.tensor([start_step, 0, -1], device=device)
-    return Training(cfg, model, recipe, optimizer, loss_fn, counts, sync_free)
+    return Training(cfg, model, recipe, optimizer, loss_fn, eager_fn, counts, sync_free)
+
+
+def resolve_sync_free(train: TrainConfig, device: torch.device) -> bool:
+    """train.sync_free on `device`: null is on for CUDA, train.compile and train.cuda_graph, and off
+    for an eager step on a CPU (docs/speed.md)."""
+    if train.sync_free is not None:
+        return train.sync_free
+    return device.type != "cpu" or train.compile or train.cuda_graph
+
+
+def graph_breaks(cfg: Config, sync_free: bool, ddp: bool) -> list[str]:
+    """Why train.compile cannot take the step as one graph; empty: it compiles with fullgraph=True.
+    (The k-means codebook initialisation is not one: its step runs eagerly, see `Training.eager_fn`.)"""
+    reasons = []
+    if ddp:
+        reasons.append("DistributedDataParallel splits the graph at its gradient buckets")
+    if not sync_free:
+        reasons.append("train.sync_free false: the decoder groups each batch by code on the host")
+    if cfg.train.contrast == "text":
+        reasons.append("train.contrast text: the foreground positions (nonzero) have data-dependent shapes")
+    return reasons
 
 
 def train_step(run: Training, batch: dict[str, torch.Tensor], phase: Phase) -> None:
@@ -263,7 +292,9 @@ def _step(run: Training, batch: dict[str, torch.Tensor], phase: Phase, undoable:
     on_host, undoable = undoable and not run.sync_free, undoable and run.sync_free
     state = _state_tensors(run) if undoable else []
     before = [t.clone() for t in state]
-    loss, stats, ok = run.loss_fn(batch["src"], batch["tgt"], batch["src_idx"], batch["tgt_idx"], phase)
+    quantizer = run.model.quantizer
+    loss_fn = run.eager_fn if quantizer is not None and quantizer.init_pending else run.loss_fn
+    loss, stats, ok = loss_fn(batch["src"], batch["tgt"], batch["src_idx"], batch["tgt_idx"], phase)
     if run.cfg.train.skip_degenerate and dist.is_available() and dist.is_initialized():  # all ranks step, or none
         flag = ok.to(torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)

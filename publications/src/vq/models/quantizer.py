@@ -91,6 +91,11 @@ class VectorQuantizer(nn.Module):
             z_q = z + (z_q - z).detach()  # straight-through: forward z_q, backward identity to z_e
         return QuantizerOutput(z_q, indices.view(B, H, W), loss)
 
+    @property
+    def init_pending(self) -> bool:
+        """The k-means initialisation may still run, on the next training forward (a host flag: no sync)."""
+        return self._init_pending
+
     @torch.no_grad()
     def _kmeans_init(self, z_flat: torch.Tensor, iters: int = 10) -> None:
         """Codebook := k-means centroids of (N, D) encoder outputs, once (the first training batch).

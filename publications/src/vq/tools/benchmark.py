@@ -16,7 +16,7 @@ Prints a table; `--json` writes the numbers.
 `--compare` instead times the training step and inference of each config eager,
 compiled (torch.compile, one graph) and replayed from a CUDA graph (CUDA only;
 skipped with a note elsewhere), at each batch size (default: the config's
-train.batch_size), in the precision train.amp=auto picks; first call (compilation
+train.batch_size for training, test.batch_size for inference), in the precision train.amp=auto picks; first call (compilation
 or capture) and steady state apart. It writes the JSON (default
 asset/benchmarks/modes-DEVICE.json) and the markdown table beside it (.md). Whether mixed precision trains as
 well as fp32 is an experiment, not a timing: `amp_check.py`.
@@ -51,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
     p.add_argument("--skip-fp32", action="store_true", help="time mixed precision only")
     p.add_argument("--compare", action="store_true", help="eager vs compiled vs CUDA graph, see above")
-    p.add_argument("--batches", type=int, nargs="+", help="batch sizes of --compare (default: the config's)")
+    p.add_argument("--batches", type=int, nargs="+",
+                   help="batch sizes of --compare (default: the config's train.batch_size and test.batch_size)")
     p.add_argument("--peak-size", type=int, default=4096, help="n of the n x n x n peak matmuls")
     add_set_arg(p)
     args = p.parse_args(argv)
@@ -95,18 +96,17 @@ def main(argv=None) -> int:
 def compare(args, configs: list, device: torch.device, amp: torch.dtype | None) -> int:
     out = args.json or REPO_ROOT / "asset" / "benchmarks" / f"modes-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    records, notes = [], []
+    records = []
     for path, cfg in zip(args.config, configs):
-        record, more = compare_modes(cfg, Path(path).name, device, amp, args.batches or [cfg.train.batch_size],
-                                     args.steps, args.warmup)
+        record = compare_modes(cfg, Path(path).name, device, amp, args.batches, args.steps, args.warmup)
         records.append(record)
-        notes += [n for n in more if n not in notes]
         # written after each config: a long run on a slow machine keeps what it measured
-        out.write_text(json.dumps({"records": records, "notes": notes}, indent=1))
+        out.write_text(json.dumps({"records": records}, indent=1))
         first = records[0]
+        notes = [f"note ({r['config']}): {n}" for r in records for n in r["notes"]]
         table = "\n".join([f"{first['device']} | {first['cpu']} | torch {first['torch']}, {first['threads']} "
                            f"threads, {first['amp']} | --steps {args.steps} --warmup {args.warmup}", "",
-                           modes_table(records), "", *[f"note: {n}" for n in notes]])
+                           modes_table(records), "", *notes])
         out.with_suffix(".md").write_text(table + "\n")
     print(table)
     log.info("wrote %s and %s", out, out.with_suffix(".md"))
