@@ -114,10 +114,10 @@ class Decoder(nn.Module):
         # the only hyper-conv with a bias: every other one is followed by InstanceNorm, which removes it
         self.out = HyperConv2d(base_channels, 1, 7, code_dim, n_kernels, bias_mix=hyper_bias)
         self.recompute = False
+        """Activation checkpointing per block (train.checkpointing)."""
         self.group_by_code = False
         """Decode a batch of mixed codes group by group (one host read of the groups; 1.5x faster on a
         CPU, where the read costs nothing) instead of as one grouped convolution (`HyperConv2d`)."""
-        """Activation checkpointing per block (train.checkpointing)."""
 
     def forward(self, x, code):
         if len(code) == 1:  # one target for the batch: chunks share the code row
