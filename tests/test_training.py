@@ -298,7 +298,7 @@ def test_evaluation_runs_in_fp32_unless_asked(trained_run, tmp_path, monkeypatch
     seen = []
     original = evaluation.Translator.__init__
     monkeypatch.setattr(evaluation.Translator, "__init__",
-                        lambda self, model, device, amp, batch: seen.append(amp) or original(self, model, device, amp, batch))
+                        lambda self, model, device, amp, *rest: seen.append(amp) or original(self, model, device, amp, *rest))
     overrides, run_dir = trained_run
     args = ["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "-l", str(run_dir / "ckpt_best.pth"),
             "--lpips-weights", str(alexnet_weights_file), "--set", *overrides, "train.amp=bf16",
