@@ -106,6 +106,14 @@ def _memory_format(cfg: Config) -> torch.memory_format:
     return torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
 
+def training_batch(cfg: Config, device: torch.device) -> dict:
+    """`synthetic_batch` as the training step gets it: train.batch_size at data.training_crop, in the
+    configured memory format."""
+    batch = synthetic_batch(cfg, cfg.train.batch_size, device, crop=cfg.data.training_crop)
+    batch.update({k: batch[k].contiguous(memory_format=_memory_format(cfg)) for k in ("src", "tgt")})
+    return batch
+
+
 # ----------------------------------------------------------------------------- memory
 def _vm_kb(field: str) -> int:
     with open("/proc/self/status") as f:
@@ -159,9 +167,7 @@ def time_train(cfg: Config, device: torch.device, amp: torch.dtype | None, perce
     """Full training steps (`vq.training.train_step`: recipe, backward, AdamW) at the config's training
     crop and train.batch_size, set up by `build_training` as the training script does (train.compile included)."""
     run = build_training(cfg, device, perceptual=perceptual, amp=amp)
-    batch = synthetic_batch(cfg, cfg.train.batch_size, device, crop=cfg.data.training_crop)
-    batch.update({k: batch[k].contiguous(memory_format=_memory_format(cfg)) for k in ("src", "tgt")})
-    phase = full_recipe(cfg)
+    batch, phase = training_batch(cfg, device), full_recipe(cfg)
     for _ in range(warmup):
         train_step(run, batch, phase)
     read_stats(run)
@@ -413,8 +419,7 @@ def time_train_mode(cfg: Config, device: torch.device, amp: torch.dtype | None, 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **switches))
     torch._dynamo.reset()  # compile from scratch: the setup time is part of the result
     run = build_training(cfg, device, perceptual=perceptual, amp=amp)
-    batch = synthetic_batch(cfg, cfg.train.batch_size, device, crop=cfg.data.training_crop)
-    phase = full_recipe(cfg)
+    batch, phase = training_batch(cfg, device), full_recipe(cfg)
     return _timed(lambda: train_step(run, batch, phase), cfg.train.batch_size, steps, warmup,
                   lambda: (read_stats(run), sync(device)))
 
@@ -445,10 +450,10 @@ def time_infer_mode(cfg: Config, device: torch.device, amp: torch.dtype | None, 
 
 def compare_modes(cfg: Config, config_name: str, device: torch.device, amp: torch.dtype | None,
                   batches: list[int] | None, steps: int, warmup: int) -> dict:
-    """Training slices/s in each of `train_modes` and inference slices/s in each of `MODES`, at each of
-    `batches` (None: train.batch_size for training, test.batch_size for
-    inference, as the config runs). CUDA-graph rows need CUDA: skipped elsewhere, with a note
-    (record["notes"]: also what was substituted, e.g. an untrained VGG19)."""
+    """Training slices/s in each of `train_modes` and inference slices/s in each of `MODES`, at each
+    of `batches` (None: train.batch_size for training, test.batch_size for inference, as the config
+    runs). CUDA-graph rows need CUDA: skipped elsewhere, with a note in record["notes"], which also
+    says what was substituted (e.g. an untrained VGG19)."""
     perceptual, note = perceptual_for(cfg, device)
     notes = [note]
     modes = MODES

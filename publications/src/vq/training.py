@@ -272,8 +272,9 @@ def train_step(run: Training, batch: dict[str, torch.Tensor], phase: Phase) -> N
     for the device, so steps queue up until `read_stats`.
 
     A degenerate batch (`Recipe.inputs`, with train.skip_degenerate) is stepped and then undone on
-    the device (with train.sync_free false: found on the host, and not stepped): weights, buffers and optimizer state get their values back and the step counts as
-    skipped, as the reference's `continue` (the random draws of the step are consumed). A
+    the device (with train.sync_free false: found on the host, and not stepped): weights, buffers
+    and optimizer state get their values back and the step counts as skipped, as the reference's
+    `continue` (the random draws of the step are consumed). A
     non-finite loss is recorded with its step, and `read_stats` raises it: the loop reads before
     every log row, checkpoint and validation, so no such weights are saved.
     With train.cuda_graph the step is captured once per phase and replayed.

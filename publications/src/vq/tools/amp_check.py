@@ -19,12 +19,12 @@ from collections.abc import Iterable
 import torch
 
 from vq.bench import data_rows, loader_batches, perceptual_for
-from vq.cli import add_set_arg
-from vq.config import Config, ConfigError, load_config, resolve_path
-from vq.dataloader.brats import BratsDataError, SliceCache
+from vq.cli import add_set_arg, run_main
+from vq.config import Config, load_config, resolve_path
+from vq.dataloader.brats import SliceCache
 from vq.dataloader.datasets import load_eval_stack, make_train_loader
 from vq.losses import PerceptualLoss
-from vq.runtime import DeviceError, amp_dtype, resolve_device
+from vq.runtime import amp_dtype, resolve_device
 from vq.sequences import N_SEQ, available
 from vq.training import Phase, build_training, poly_lr, set_lr, train_step, validate
 
@@ -76,7 +76,7 @@ def amp_check(cfg: Config, device: torch.device, amp: torch.dtype, steps: int) -
     return results
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-d", "--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("-c", "--config", required=True, help="YAML config")
@@ -85,20 +85,22 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be >= 1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.set)
-        device = resolve_device(args.device)
-        mixed = amp_dtype(device, "auto")
-        if mixed is None:
-            log.warning("no bf16 units on this CPU: the check runs emulated bf16, much slower than fp32")
-        psnr = amp_check(cfg, device, mixed or torch.bfloat16, args.steps)
-    except (ConfigError, DeviceError, BratsDataError, FileNotFoundError) as err:
-        log.error("%s", err)
-        return 2
+    return args
+
+
+def run(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.set)
+    device = resolve_device(args.device)
+    mixed = amp_dtype(device, "auto")
+    if mixed is None:
+        log.warning("no bf16 units on this CPU: the check runs emulated bf16, much slower than fp32")
+    psnr = amp_check(cfg, device, mixed or torch.bfloat16, args.steps)
     print(f"validation PSNR after {args.steps} steps: fp32 {psnr['fp32']:.3f} dB, "
           f"mixed ({mixed or torch.bfloat16}) {psnr['mixed']:.3f} dB, difference {psnr['mixed'] - psnr['fp32']:+.3f} dB")
-    return 0
+
+
+def main(argv=None) -> int:
+    return run_main(run, parse_args(argv), log)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,13 @@ batch 1, NIfTI read every step) and the DataLoader's share of a real loop.
 Prints a table; `--json` writes the numbers.
 
 `--compare` instead times the training step and inference of each config eager,
-compiled (torch.compile, one graph) and replayed from a CUDA graph (CUDA only;
-skipped with a note elsewhere), at each batch size (default: the config's
-train.batch_size for training, test.batch_size for inference), in the precision train.amp=auto picks; first call (compilation
-or capture) and steady state apart. It writes the JSON (default
-asset/benchmarks/modes-DEVICE.json) and the markdown table beside it (.md). Whether mixed precision trains as
-well as fp32 is an experiment, not a timing: `amp_check.py`.
+compiled (torch.compile) and replayed from a CUDA graph (CUDA only; skipped with a
+note elsewhere), at each batch size (default: the config's train.batch_size for
+training, test.batch_size for inference), in the precision train.amp=auto picks;
+first call (compilation or capture) and steady state apart. It writes the JSON
+(default asset/benchmarks/modes-DEVICE.json) and the markdown table beside it (.md).
+Whether mixed precision trains as well as fp32 is an experiment, not a timing:
+`amp_check.py`.
 """
 from __future__ import annotations
 
@@ -32,12 +33,9 @@ from pathlib import Path
 import torch
 
 from vq.bench import Options, compare_modes, format_table, modes_table, run
-from vq.cli import add_set_arg
-from vq.config import REPO_ROOT, ConfigError, load_config
-from vq.dataloader.brats import BratsDataError
-from vq.dataloader.lists import DataListError
+from vq.cli import add_set_arg, run_main
+from vq.config import REPO_ROOT, load_config
 from vq.runtime import DeviceError, amp_dtype, resolve_device
-from vq.weights import MissingWeightsError
 
 log = logging.getLogger("benchmark")
 
@@ -68,29 +66,25 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        configs = [load_config(path, args.set) for path in args.config]
-        cfg = configs[0]
-        device = resolve_device(args.device)
-        if device.type not in ("cpu", "cuda"):
-            raise DeviceError(f"the benchmark runs on cpu or cuda, not {device}")
-        mixed = amp_dtype(device, "auto")  # None on a CPU without bf16 units: fp32 is how it trains
-        if args.compare:
-            return compare(args, configs, device, mixed)
-        options = Options(steps=args.steps, warmup=args.warmup, skip_fp32=args.skip_fp32, peak_size=args.peak_size)
-        result, notes = run(cfg, args.config[0], device, mixed, options)
-    except (ConfigError, DeviceError, BratsDataError, DataListError, MissingWeightsError,
-            FileNotFoundError) as err:
-        log.error("%s", err)
-        return 2
+def run_benchmark(args: argparse.Namespace) -> int:
+    configs = [load_config(path, args.set) for path in args.config]
+    device = resolve_device(args.device)
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"the benchmark runs on cpu or cuda, not {device}")
+    mixed = amp_dtype(device, "auto")  # None on a CPU without bf16 units: fp32 is how it trains
+    if args.compare:
+        return compare(args, configs, device, mixed)
+    options = Options(steps=args.steps, warmup=args.warmup, skip_fp32=args.skip_fp32, peak_size=args.peak_size)
+    result, notes = run(configs[0], args.config[0], device, mixed, options)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
     print(format_table(result, notes))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(run_benchmark, parse_args(argv), log)
 
 
 def compare(args, configs: list, device: torch.device, amp: torch.dtype | None) -> int:
