@@ -116,20 +116,22 @@ def on_working_grid(sources: dict, world: dict, mask_path: Path | None):
         mask = resample(mask_vol.data != 0, grid_of(mask_vol), work, order=0) > 0.5
         if not mask.any():
             raise NiftiError(f"{mask_path}: the mask does not overlap {first.path}; give a mask of the first source")
-    data, seen = {}, {}
+    data, seen, brain = {}, {}, mask
     for s, vol in sources.items():
         data[s] = resample(vol.data, grid_of(vol), work, world[s])
         seen[s] = coverage(grid_of(vol), work, world[s])
-        brain = mask if mask is not None else data[next(iter(sources))] > 0
+        if brain is None:  # the first source's non-zero voxels
+            brain = data[s] > 0
         if not (seen[s] & brain).any():
             raise NiftiError(f"{vol.path}: no overlap with {first.path} in scanner coordinates; pass --register "
                              "if the scans are from different scanner visits, or check the file's affine")
+        foreground = (vol.data != 0).mean()
         if mask is not None:
             data[s] *= mask
-        elif (vol.data != 0).mean() > STRIPPED_MAX_FOREGROUND:
+        elif foreground > STRIPPED_MAX_FOREGROUND:
             log.warning("%s: %.0f%% of the field of view is non-zero, so it does not look skull-stripped; the model "
                         "was trained on skull-stripped scans: pass --mask BRAIN_MASK or skull-strip it first "
-                        "(e.g. HD-BET, SynthStrip)", vol.path, 100 * (vol.data != 0).mean())
+                        "(e.g. HD-BET, SynthStrip)", vol.path, 100 * foreground)
     return work, data, seen, mask
 
 
@@ -175,15 +177,15 @@ def run(args) -> None:
             log.info("wrote %s", path)
 
     per_source = {} if args.fused_only and len(latents) > 1 else latents
+    mean = fuse(list(latents.values()), list(weights.values()))
+    # sigma of docs/method.md step 3; 0 for a single source
+    spread = ((torch.stack(list(latents.values())) - mean) ** 2).sum(0) if args.samples > 0 else None
     for t in args.tgt:
         for s, latent in per_source.items():
             write(translator.decode(latent, t), f"{SEQUENCES[t]}_from_{SEQUENCES[s]}", s)
-        mean = fuse(list(latents.values()), list(weights.values()))
         if len(latents) > 1:
             write(translator.decode(mean, t), f"{SEQUENCES[t]}_fused", first_seq)
         if args.samples > 0:
-            stacked = torch.stack(list(latents.values()))  # (n_src, Z, D, h, w)
-            spread = ((stacked - mean) ** 2).sum(0)  # sigma of docs/method.md step 3; 0 for a single source
             draws = torch.stack([translator.decode(mean + torch.randn_like(mean) * spread, t)
                                  for _ in range(args.samples)])
             draws = torch.from_numpy(to_intensity(draws.cpu().numpy()))  # each draw on the written [0, 1] scale
