@@ -373,6 +373,24 @@ def test_mode_benchmark_writes_its_json_on_cpu(tmp_path, monkeypatch):
     assert "| demo_phantom_cpu.yaml | train | 2 | compiled |" in out.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow
+def test_the_profile_shows_where_each_mode_spends_its_time(tmp_path, monkeypatch):
+    """--profile writes the step's operators by self time, in the mode asked: the compiled step runs
+    through AOTAutograd's compiled function, the eager one does not; both show the convolutions. The
+    profiled step is a steady one: the compilation (on the second call, after the eager k-means step)
+    fell in the warm-up."""
+    aot_eager(monkeypatch)
+    tables = {}
+    for mode in ("eager", "compiled"):
+        code = benchmark_main(["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--profile", mode,
+                               "--steps", "1", "--warmup", "1", "-o", str(tmp_path), "--set", *TINY])
+        assert code == 0
+        tables[mode] = (tmp_path / f"profile-demo_phantom_cpu-{mode}-cpu.txt").read_text()
+        assert f"training step, {mode}, batch 2" in tables[mode].splitlines()[0]
+        assert "aten::convolution_backward" in tables[mode] and "dynamo_timed" not in tables[mode]
+    assert "CompiledFunction" in tables["compiled"] and "CompiledFunction" not in tables["eager"]
+
+
 def test_setup_time_counts_a_compile_in_the_warm_up(monkeypatch):
     """A compiled step may compile again on its second call (after the k-means initialisation of the
     first): the setup is the wall time beyond the steady rate, whichever call spent it."""

@@ -415,13 +415,42 @@ def time_train_mode(cfg: Config, device: torch.device, amp: torch.dtype | None, 
                     mode: str, steps: int, warmup: int) -> dict[str, float]:
     """The training step (`train_step`, full recipe) in one of `TRAIN_MODES`, at train.batch_size and
     data.training_crop."""
+    step, wait = _mode_step(cfg, device, amp, perceptual, mode)
+    return _timed(step, cfg.train.batch_size, steps, warmup, wait)
+
+
+def _mode_step(cfg: Config, device: torch.device, amp: torch.dtype | None, perceptual: PerceptualLoss | None,
+               mode: str):
+    """The training step of `mode` on the benchmark's batch, as a call, and the call that waits for it
+    (reads the statistics, synchronises the device)."""
     switches = {"compile": False, "cuda_graph": False, **TRAIN_MODES[mode]}
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **switches))
     torch._dynamo.reset()  # compile from scratch: the setup time is part of the result
     run = build_training(cfg, device, perceptual=perceptual, amp=amp)
     batch, phase = training_batch(cfg, device), full_recipe(cfg)
-    return _timed(lambda: train_step(run, batch, phase), cfg.train.batch_size, steps, warmup,
-                  lambda: (read_stats(run), sync(device)))
+    return (lambda: train_step(run, batch, phase)), (lambda: (read_stats(run), sync(device)))
+
+
+def profile_train_mode(cfg: Config, device: torch.device, amp: torch.dtype | None,
+                       perceptual: PerceptualLoss | None, mode: str, steps: int, warmup: int,
+                       rows: int = 30) -> str:
+    """Where the training step of `mode` spends its time: `torch.profiler` over `steps` steps after the
+    first call and `warmup` more (compilation, capture; a compiled step whose first call runs the k-means
+    codebook initialisation compiles on its second), the operators by self time (the device's on CUDA). A compiled graph's generated kernels are one row each ("CompiledFxGraph"), the operators it
+    calls (convolutions, matmuls) rows of their own."""
+    step, wait = _mode_step(cfg, device, amp, perceptual, mode)
+    for _ in range(1 + warmup):
+        step()
+    wait()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        wait()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
 
 
 @torch.no_grad()
@@ -461,7 +490,7 @@ def compare_modes(cfg: Config, config_name: str, device: torch.device, amp: torc
         modes = MODES[:2]
         notes.append(f"graphed: skipped, CUDA graphs need a CUDA device (this is {device})")
     record = {"device": _device_name(device), "cpu": cpu_name(), "config": config_name,
-              "amp": str(amp).replace("torch.", "") if amp else "fp32", "torch": torch.__version__,
+              "amp": amp_name(amp), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "steps": steps, "warmup": warmup, "notes": notes,
               "train": {}, "infer": {}}
     for batch in batches or [cfg.train.batch_size]:
@@ -489,6 +518,11 @@ def modes_table(records: list[dict]) -> str:
                     lines.append(f"| {record['config']} | {task} | {batch} | {mode} | {m['slices_per_s']:.3f} | "
                                  f"{m['slices_per_s_incl_setup']:.3f} | {m['first_call_s']:.1f} | {m['setup_s']:.1f} |")
     return "\n".join(lines)
+
+
+def amp_name(amp: torch.dtype | None) -> str:
+    """The precision a run trains in, as the tables print it: fp32, bfloat16 or float16."""
+    return str(amp).replace("torch.", "") if amp else "fp32"
 
 
 def _device_name(device: torch.device) -> str:
