@@ -25,6 +25,7 @@ from vq.models import build_model
 from vq.sequences import N_SEQ, SEQUENCES, train_pair
 from vq.tools.amp_check import train_then_validate
 from vq.tools.benchmark import main as benchmark_main
+from vq.tools.benchmark import parse_args as parse_benchmark_args
 from vq.training import build_training, graph_breaks, read_stats, train_step, validate
 
 JSON_KEYS = {"device", "cpu", "config", "peak_tflops", "flops_per_slice", "reference_mode", "train", "infer",
@@ -383,12 +384,26 @@ def test_the_profile_shows_where_each_mode_spends_its_time(tmp_path, monkeypatch
     tables = {}
     for mode in ("eager", "compiled"):
         code = benchmark_main(["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--profile", mode,
-                               "--steps", "1", "--warmup", "1", "-o", str(tmp_path), "--set", *TINY])
+                               "--steps", "1", "--warmup", "1", "--rows", "1000", "-o", str(tmp_path),
+                               "--set", *TINY])
         assert code == 0
         tables[mode] = (tmp_path / f"profile-demo_phantom_cpu-{mode}-cpu.txt").read_text()
-        assert f"training step, {mode}, batch 2" in tables[mode].splitlines()[0]
+        head = tables[mode].splitlines()[0]
+        assert f"training step, {mode}, batch 2" in head and head.endswith(" ".join(TINY))
         assert "aten::convolution_backward" in tables[mode] and "dynamo_timed" not in tables[mode]
     assert "CompiledFunction" in tables["compiled"] and "CompiledFunction" not in tables["eager"]
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["-o", "out"], "-o/--out-dir and --rows go with --profile"),
+    (["--rows", "5"], "-o/--out-dir and --rows go with --profile"),
+    (["--profile", "eager", "--compare"], "--profile runs alone"),
+    (["--profile", "eager", "--json", "x.json"], "--profile runs alone"),
+    (["--profile", "eager", "--rows", "0"], "--rows must be >= 1")])
+def test_profile_flags_that_would_be_ignored_stop_the_run(flags, says, capsys):
+    with pytest.raises(SystemExit):
+        parse_benchmark_args(["-c", str(CONFIGS / "demo_phantom_cpu.yaml"), *flags])
+    assert f"error: {says}" in capsys.readouterr().err
 
 
 def test_setup_time_counts_a_compile_in_the_warm_up(monkeypatch):

@@ -435,9 +435,13 @@ def profile_train_mode(cfg: Config, device: torch.device, amp: torch.dtype | Non
                        perceptual: PerceptualLoss | None, mode: str, steps: int, warmup: int,
                        rows: int = 30) -> str:
     """Where the training step of `mode` spends its time: `torch.profiler` over `steps` steps after the
-    first call and `warmup` more (compilation, capture; a compiled step whose first call runs the k-means
-    codebook initialisation compiles on its second), the operators by self time (the device's on CUDA). A compiled graph's generated kernels are one row each ("CompiledFxGraph"), the operators it
-    calls (convolutions, matmuls) rows of their own."""
+    first call and `warmup` more (compilation, capture; a compiled step whose first call runs the
+    k-means codebook initialisation compiles on its second), the `rows` operators with the most self
+    time: host time on a CPU, device time on CUDA. A compiled graph is one row per graph
+    ("CompiledFxGraph": its generated kernels and their wrapper); the operators it calls out to
+    (convolutions, matmuls) have rows of their own."""
+    if warmup < 1 and mode not in ("eager", "eager_sync_free"):
+        log.warning("--warmup %d: the profiled steps of %s may include its compilation or capture", warmup, mode)
     step, wait = _mode_step(cfg, device, amp, perceptual, mode)
     for _ in range(1 + warmup):
         step()
@@ -489,7 +493,7 @@ def compare_modes(cfg: Config, config_name: str, device: torch.device, amp: torc
     if device.type != "cuda":
         modes = MODES[:2]
         notes.append(f"graphed: skipped, CUDA graphs need a CUDA device (this is {device})")
-    record = {"device": _device_name(device), "cpu": cpu_name(), "config": config_name,
+    record = {"device": device_name(device), "cpu": cpu_name(), "config": config_name,
               "amp": amp_name(amp), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "steps": steps, "warmup": warmup, "notes": notes,
               "train": {}, "infer": {}}
@@ -525,8 +529,8 @@ def amp_name(amp: torch.dtype | None) -> str:
     return str(amp).replace("torch.", "") if amp else "fp32"
 
 
-def _device_name(device: torch.device) -> str:
-    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+def device_name(device: torch.device) -> str:
+    return f"{device} ({torch.cuda.getdevice_name(device)})" if device.type == "cuda" else str(device)
 
 
 # ----------------------------------------------------------------------------- the whole benchmark
@@ -585,7 +589,7 @@ def run(cfg: Config, config_name: str, device: torch.device, mixed: torch.dtype 
     wait = data_wait_share(cfg, device, mixed, perceptual, steps, warmup)
     if wait is None:
         notes.append(f"data wait skipped: no BraTS-layout data at data.root={cfg.data.root}")
-    return {"device": _device_name(device), "cpu": cpu_name(), "config": config_name,
+    return {"device": device_name(device), "cpu": cpu_name(), "config": config_name,
             "peak_tflops": peak, "flops_per_slice": flops, "reference_mode": {"slices_per_s": reference},
             **record, "data_wait_share": wait}, notes
 

@@ -4,7 +4,7 @@
         [--json FILE] [--steps 5 --warmup 2] [--skip-fp32] [--set key=value ...]
     python publications/src/vq/tools/benchmark.py -d cuda -c CONFIG [CONFIG ...] --compare [--batches 1 32] \
         [--json FILE] [--steps 5 --warmup 2]
-    python publications/src/vq/tools/benchmark.py -d cpu -c CONFIG --profile compiled [-o DIR] [--steps 1]
+    python publications/src/vq/tools/benchmark.py -d cpu -c CONFIG --profile compiled [-o DIR] [--rows 30] [--steps 1]
 
 After warm-up, times the full training step (all terms of the recipe on) and
 inference (encode + decode a batch) at the config's crop and batch sizes, in fp32
@@ -22,7 +22,7 @@ first call (compilation or capture) and steady state apart. It writes the JSON
 (default asset/benchmarks/modes-DEVICE.json) and the markdown table beside it (.md).
 `--profile MODE` profiles the training step in one of those modes (eager,
 eager_sync_free, compiled, compiled_host_grouped, graphed) after its first call and
-the warm-up: the operators by self time, printed and written to
+the warm-up: the --rows operators with the most self time, printed and written to
 DIR/profile-CONFIG-MODE-DEVICE.txt (default DIR: asset/benchmarks).
 Whether mixed precision trains as well as fp32 is an experiment, not a timing:
 `amp_check.py`.
@@ -37,8 +37,8 @@ from pathlib import Path
 
 import torch
 
-from vq.bench import (TRAIN_MODES, Options, amp_name, compare_modes, format_table, modes_table,
-                      perceptual_for, profile_train_mode, run)
+from vq.bench import (TRAIN_MODES, Options, amp_name, compare_modes, device_name, format_table,
+                      modes_table, perceptual_for, profile_train_mode, run)
 from vq.cli import add_set_arg, run_main
 from vq.config import REPO_ROOT, load_config
 from vq.runtime import DeviceError, amp_dtype, cpu_name, resolve_device
@@ -59,8 +59,9 @@ def parse_args(argv=None):
                    help="batch sizes of --compare (default: the config's train.batch_size and test.batch_size)")
     p.add_argument("--profile", choices=list(TRAIN_MODES), metavar="MODE",
                    help=f"profile the training step in this mode ({', '.join(TRAIN_MODES)}), see above")
-    p.add_argument("-o", "--out-dir", type=Path, default=REPO_ROOT / "asset" / "benchmarks",
+    p.add_argument("-o", "--out-dir", type=Path,
                    help="where --profile writes its table (default: asset/benchmarks)")
+    p.add_argument("--rows", type=int, default=30, help="operators in the --profile table (default 30)")
     p.add_argument("--peak-size", type=int, default=4096, help="n of the n x n x n peak matmuls")
     add_set_arg(p)
     args = p.parse_args(argv)
@@ -71,8 +72,12 @@ def parse_args(argv=None):
         p.error("--warmup must be >= 0")
     if len(args.config) > 1 and not args.compare:
         p.error("several configs only with --compare")
-    if args.profile and args.compare:
-        p.error("--profile and --compare are two runs")
+    if args.profile and (args.compare or args.json or args.skip_fp32):
+        p.error("--profile runs alone: run --compare, --json or --skip-fp32 separately")
+    if not args.profile and (args.out_dir or args.rows != 30):
+        p.error("-o/--out-dir and --rows go with --profile")
+    if args.rows < 1:
+        p.error("--rows must be >= 1")
     if args.batches and (not args.compare or min(args.batches) < 1):
         p.error("--batches takes sizes >= 1, with --compare")
     return args
@@ -125,12 +130,14 @@ def profile(args, cfg, device: torch.device, amp: torch.dtype | None) -> int:
     if args.profile == "graphed" and device.type != "cuda":
         raise DeviceError(f"--profile graphed needs a CUDA device (this is {device})")
     perceptual, note = perceptual_for(cfg, device)
-    table = profile_train_mode(cfg, device, amp, perceptual, args.profile, args.steps, args.warmup)
+    table = profile_train_mode(cfg, device, amp, perceptual, args.profile, args.steps, args.warmup, args.rows)
     config = Path(args.config[0]).name
-    head = (f"{device} | {cpu_name()} | torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    overrides = f" --set {' '.join(args.set)}" if args.set else ""
+    head = (f"{device_name(device)} | {cpu_name()} | torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"{amp_name(amp)} | {config}, training step, {args.profile}, "
-            f"batch {cfg.train.batch_size}, --steps {args.steps} --warmup {args.warmup}\nnote: {note}")
-    out = args.out_dir / f"profile-{Path(config).stem}-{args.profile}-{device.type}.txt"
+            f"batch {cfg.train.batch_size}, --steps {args.steps} --warmup {args.warmup}{overrides}\nnote: {note}")
+    out_dir = args.out_dir or REPO_ROOT / "asset" / "benchmarks"
+    out = out_dir / f"profile-{Path(config).stem}-{args.profile}-{device.type}.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"{head}\n\n{table}\n")
     print(f"{head}\n\n{table}")
