@@ -406,6 +406,14 @@ def test_profile_flags_that_would_be_ignored_stop_the_run(flags, says, capsys):
     assert f"error: {says}" in capsys.readouterr().err
 
 
+def test_a_cuda_device_is_named_with_its_gpu(monkeypatch):
+    """The benchmark's records and tables name the GPU they ran on (this code path runs only on CUDA)."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert bench.device_name(torch.device("cuda:0")) == "cuda:0 (NVIDIA H200)"
+    assert bench.machine_line(torch.device("cuda:0"), torch.bfloat16).startswith("cuda:0 (NVIDIA H200) | ")
+    assert bench.machine_line(torch.device("cuda:0"), torch.bfloat16).endswith(" threads, bfloat16")
+
+
 def test_setup_time_counts_a_compile_in_the_warm_up(monkeypatch):
     """A compiled step may compile again on its second call (after the k-means initialisation of the
     first): the setup is the wall time beyond the steady rate, whichever call spent it."""

@@ -530,7 +530,14 @@ def amp_name(amp: torch.dtype | None) -> str:
 
 
 def device_name(device: torch.device) -> str:
-    return f"{device} ({torch.cuda.getdevice_name(device)})" if device.type == "cuda" else str(device)
+    """The device as the records name it: "cpu", or "cuda:0 (NVIDIA H200)"."""
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+
+
+def machine_line(device: torch.device, amp: torch.dtype | None) -> str:
+    """The first line of a benchmark table: device, CPU, torch, threads and precision."""
+    return (f"{device_name(device)} | {cpu_name()} | torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"{amp_name(amp)}")
 
 
 # ----------------------------------------------------------------------------- the whole benchmark

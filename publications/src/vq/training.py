@@ -232,7 +232,8 @@ def build_training(cfg: Config, device: torch.device, model: nn.Module | None = 
     apply_speed_switches(t.checkpointing, t.channels_last, model, perceptual, sync_free)
     recipe = eager_fn = loss_fn = Recipe(model, cfg, perceptual, amp)
     if ddp:
-        eager_fn = loss_fn = DistributedDataParallel(recipe, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        eager_fn = loss_fn = DistributedDataParallel(recipe, device_ids=device_ids)
     if t.compile:
         breaks = graph_breaks(cfg, sync_free, ddp)
         if breaks:

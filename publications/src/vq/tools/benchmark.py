@@ -37,11 +37,11 @@ from pathlib import Path
 
 import torch
 
-from vq.bench import (TRAIN_MODES, Options, amp_name, compare_modes, device_name, format_table,
-                      modes_table, perceptual_for, profile_train_mode, run)
+from vq.bench import (TRAIN_MODES, Options, compare_modes, format_table, machine_line, modes_table,
+                      perceptual_for, profile_train_mode, run)
 from vq.cli import add_set_arg, run_main
 from vq.config import REPO_ROOT, load_config
-from vq.runtime import DeviceError, amp_dtype, cpu_name, resolve_device
+from vq.runtime import DeviceError, amp_dtype, resolve_device
 
 log = logging.getLogger("benchmark")
 
@@ -115,10 +115,8 @@ def compare(args, configs: list, device: torch.device, amp: torch.dtype | None) 
         records.append(record)
         # written after each config: a long run on a slow machine keeps what it measured
         out.write_text(json.dumps({"records": records}, indent=1))
-        first = records[0]
         notes = [f"note ({r['config']}): {n}" for r in records for n in r["notes"]]
-        table = "\n".join([f"{first['device']} | {first['cpu']} | torch {first['torch']}, {first['threads']} "
-                           f"threads, {first['amp']} | --steps {args.steps} --warmup {args.warmup}", "",
+        table = "\n".join([f"{machine_line(device, amp)} | --steps {args.steps} --warmup {args.warmup}", "",
                            modes_table(records), "", *notes])
         out.with_suffix(".md").write_text(table + "\n")
     print(table)
@@ -133,8 +131,7 @@ def profile(args, cfg, device: torch.device, amp: torch.dtype | None) -> int:
     table = profile_train_mode(cfg, device, amp, perceptual, args.profile, args.steps, args.warmup, args.rows)
     config = Path(args.config[0]).name
     overrides = f" --set {' '.join(args.set)}" if args.set else ""
-    head = (f"{device_name(device)} | {cpu_name()} | torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"{amp_name(amp)} | {config}, training step, {args.profile}, "
+    head = (f"{machine_line(device, amp)} | {config}, training step, {args.profile}, "
             f"batch {cfg.train.batch_size}, --steps {args.steps} --warmup {args.warmup}{overrides}\nnote: {note}")
     out_dir = args.out_dir or REPO_ROOT / "asset" / "benchmarks"
     out = out_dir / f"profile-{Path(config).stem}-{args.profile}-{device.type}.txt"
