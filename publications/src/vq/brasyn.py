@@ -30,7 +30,7 @@ from vq.files import write_atomic
 from vq.inference import Translator, synthesize
 from vq.labels import load_labels
 from vq.nifti import NiftiError, load_volume, save_like, to_intensity
-from vq.sequences import BRASYN_NAMES, SEQUENCES
+from vq.sequences import BRASYN_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def complete_folder(translator: Translator, in_root: str | Path, out_root: str |
         out = synthesize(translator, {seq: v.data for seq, v in volumes.items()}, [missing_seq], percentile)
         name = file_name(folder.name, absent[0], first.path)
         path = Path(out_root) / (name if flat else f"{folder.name}/{name}")
-        save_like(to_intensity(out[SEQUENCES.index(missing_seq)]), first, path)
+        save_like(to_intensity(out[missing_seq]), first, path)
         report[folder.name] = f"{absent[0]} written"
         log.info("%s: %s -> %s", folder.name, absent[0], path)
     return report

@@ -1,10 +1,14 @@
 """Checkpoints: written atomically, loaded without pickle code execution, checked against the config."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from vq.config import Config
+from vq.models import build_model
 
 from vq.files import write_atomic
 
@@ -63,3 +67,20 @@ def load_model_weights(model: nn.Module, state: dict, path: str | Path = "checkp
         raise CheckpointError(f"checkpoint {path} does not match the model of this config ({'; '.join(parts)}); "
                               "use the config the checkpoint was trained with")
     model.load_state_dict(weights)
+
+
+def load_trained_model(cfg: Config, checkpoint: str, device: torch.device) -> torch.nn.Module:
+    """The config's model with the checkpoint's weights, in eval mode on `device`.
+
+    Warns when the config normalises intensities differently from the run that wrote the
+    checkpoint (its config is saved in it): the model would then see inputs it was not trained on.
+    """
+    state = read_checkpoint(checkpoint)
+    model = build_model(cfg.model).to(device)
+    load_model_weights(model, state, checkpoint)
+    trained = (state.get("config") or {}).get("data", {}).get("percentile")
+    if trained is not None and trained != cfg.data.percentile:
+        logging.getLogger(__name__).warning(
+            "checkpoint %s was trained with data.percentile=%s but this config normalises with %s; "
+            "pass the training config or --set data.percentile=%s", checkpoint, trained, cfg.data.percentile, trained)
+    return model.eval()

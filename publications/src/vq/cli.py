@@ -12,17 +12,14 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-import torch
-
-from vq.checkpoint import CheckpointError, load_model_weights, read_checkpoint
-from vq.config import Config, ConfigError, load_config, resolve_path
+from vq.checkpoint import CheckpointError, load_trained_model  # noqa: F401 (part of the scripts' toolkit)
+from vq.config import ConfigError, load_config, resolve_path
 from vq.dataloader.brats import BratsDataError, SliceCache
 from vq.dataloader.lists import DataListError, read_list
 from vq.evaluation import TestRun
-from vq.inference import Translator
-from vq.models import build_model
+from vq.inference import load_translator
 from vq.nifti import NiftiError
-from vq.runtime import DeviceError, amp_dtype, resolve_device
+from vq.runtime import DeviceError, resolve_device
 from vq.weights import MissingWeightsError
 
 USER_ERRORS = (ConfigError, DeviceError, BratsDataError, DataListError, NiftiError, CheckpointError,
@@ -61,28 +58,6 @@ def run_main(body: Callable[[argparse.Namespace], int | None], args: argparse.Na
         return 2
 
 
-def load_trained_model(cfg: Config, checkpoint: str, device: torch.device) -> torch.nn.Module:
-    """The config's model with the checkpoint's weights, in eval mode on `device`.
-
-    Warns when the config normalises intensities differently from the run that wrote the
-    checkpoint (its config is saved in it): the model would then see inputs it was not trained on.
-    """
-    state = read_checkpoint(checkpoint)
-    model = build_model(cfg.model).to(device)
-    load_model_weights(model, state, checkpoint)
-    trained = (state.get("config") or {}).get("data", {}).get("percentile")
-    if trained is not None and trained != cfg.data.percentile:
-        logging.getLogger(__name__).warning(
-            "checkpoint %s was trained with data.percentile=%s but this config normalises with %s; "
-            "pass the training config or --set data.percentile=%s", checkpoint, trained, cfg.data.percentile, trained)
-    return model.eval()
-
-
-def load_translator(cfg: Config, checkpoint: str, device: torch.device) -> Translator:
-    """`load_trained_model` wrapped for batched inference with the config's test settings (amp, batch size,
-    compile)."""
-    model = load_trained_model(cfg, checkpoint, device)
-    return Translator(model, device, amp_dtype(device, cfg.test.amp), cfg.test.batch_size, cfg.test.compile)
 
 
 def open_test_run(args: argparse.Namespace, result: str, n_subjects: int | None = None) -> TestRun:

@@ -1,26 +1,29 @@
 """Inference: one home for turning slices or volumes of one sequence into another.
 
 `Translator` runs the model in batches on one device (evaluation, validation figures, the
-claim scripts, synthesis and BraSyn completion all use it). `synthesize` is the public
-entry for whole volumes: any number of available sequences in, the fused latent (the mean
-of the sources' quantized latents) decoded to each target.
+claim scripts, synthesis and BraSyn completion all use it); `load_translator` makes one from a
+config and a checkpoint. `synthesize` is the public entry for whole volumes: any number of
+available sequences in, the fused latent (the mean of the sources' quantized latents) decoded
+to each target, returned under the names asked for.
 
-    from vq.cli import load_trained_model
-    from vq.config import load_config
-    from vq.inference import Translator, synthesize
-    cfg = load_config("publications/config/vq/demo_phantom_cpu.yaml")
-    model = load_trained_model(cfg, "outputs/ckpt/demo/phantom/2d/ckpt_best.pth", "cpu")
-    out = synthesize(Translator(model, "cpu", None, 16), {"t1": t1_array, "t2": t2_array}, ["flair"])
+    from vq.inference import load_translator, synthesize
+    translator = load_translator("publications/config/vq/demo_phantom_cpu.yaml",
+                                 "outputs/ckpt/demo/phantom/2d/ckpt_best.pth", device="cpu")
+    out = synthesize(translator, {"t1": t1_array, "t2": t2_array}, ["flair"])  # {"flair": array}
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vq.checkpoint import load_trained_model
+from vq.config import AMP_MODES, Config, ConfigError, load_config
 from vq.dataloader.preprocess import normalize
-from vq.runtime import autocast
+from vq.runtime import amp_dtype, autocast, resolve_device
 from vq.sequences import seq_index
 
 
@@ -88,6 +91,25 @@ class Translator:
         return current
 
 
+def load_translator(config: str | Path | Config, checkpoint: str | Path, *, device: str | torch.device = "cpu",
+                    batch_size: int | None = None, precision: str | None = None,
+                    compile: bool | None = None) -> Translator:
+    """A trained model ready for inference: the config's model (a YAML path or a loaded `Config`) with
+    the checkpoint's weights on `device`.
+
+    batch_size: slices per forward pass; precision: "none" (fp32), "auto", "bf16" or "fp16" (CUDA);
+    compile: torch.compile encode and decode. Each defaults to the config's `test.*` setting.
+    """
+    cfg = config if isinstance(config, Config) else load_config(config)
+    device = resolve_device(str(device))
+    model = load_trained_model(cfg, str(checkpoint), device)
+    precision = cfg.test.amp if precision is None else precision
+    if precision not in AMP_MODES:
+        raise ConfigError(f"precision {precision!r}: use one of {', '.join(AMP_MODES)} (none = fp32)")
+    return Translator(model, device, amp_dtype(device, precision), batch_size or cfg.test.batch_size,
+                      cfg.test.compile if compile is None else compile)
+
+
 def to_slices(volume: np.ndarray, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """(X, Y, Z) in [-1,1] -> (Z, 1, X', Y') axial slices padded with background to a multiple of
     `multiple` (the model's downsampling), and the original (X, Y)."""
@@ -124,7 +146,7 @@ def synthesize(translator: Translator, volumes: dict, targets, percentile: float
     volumes: {sequence name or index: (X, Y, Z) array} (raw intensities, or already in [-1, 1]
     with `normalized`); targets: sequence names or indices. Each source is encoded slice by
     slice; the mean of their latents (the fused latent) is decoded to each target.
-    -> {target index: (X, Y, Z) float32 in [-1, 1]}.
+    -> {target as given (name or index): (X, Y, Z) float32 in [-1, 1]}.
     """
     multiple = 2 ** translator.model.cfg.n_down
     latents, size = [], None
@@ -133,4 +155,4 @@ def synthesize(translator: Translator, volumes: dict, targets, percentile: float
         stack, size = to_slices(data, multiple)
         latents.append(translator.encode(stack))  # (Z, D, X'/4, Y'/4)
     fused = fuse(latents)
-    return {seq_index(t): from_slices(translator.decode(fused, seq_index(t)), size) for t in targets}
+    return {t: from_slices(translator.decode(fused, seq_index(t)), size) for t in targets}
