@@ -390,31 +390,35 @@ def test_tumour_and_nontumour_scores_see_where_the_error_is():
 
 def test_demo_goal_counts_each_part(tmp_path):
     """vq.report: per single-step translation, model against copy; a translation meets the demo's goal
-    only with brain PSNR and SSIM above the copy, the tissue order kept in every subject and a small
-    contrast error. Written through write_summary and read back, as tools/demo_curve.py does."""
+    only with brain and whole-image PSNR above the copy, the tissue order kept in every subject and a
+    small contrast error. Written through write_summary and read back, as tools/demo_curve.py does."""
     from vq.report import GOAL_CONTRAST_ERROR, compare_with_copy, goal_row, read_summary
 
-    def entry(method, src, tgt, psnr_brain, ssim_brain, error, order, steps="single"):
+    def entry(method, src, tgt, psnr_brain, ssim_brain, error, order, steps="single", psnr=None):
         row = {"method": method, "steps": steps, "src": src, "tgt": tgt, "n": 2}
         row.update({key: math.nan for key in SUMMARY_COLUMNS if key not in row})
-        row.update(psnr_brain=psnr_brain, ssim_brain=ssim_brain, contrast_error=error, tissue_order=order)
+        row.update(psnr_brain=psnr_brain, ssim_brain=ssim_brain, contrast_error=error, tissue_order=order,
+                   psnr=psnr_brain + 3 if psnr is None else psnr)
         return row
 
     good = GOAL_CONTRAST_ERROR / 2
     summary = [entry("model", "t1", "t2", 24.0, 0.70, good, 1.0), entry("copy_source", "t1", "t2", 14.0, 0.10, 1.2, 0.0),
                entry("model", "t2", "flair", 22.0, 0.60, good, 0.5), entry("copy_source", "t2", "flair", 15.0, 0.2, 1.0, 0.0),
                entry("model", "t1", "t1ce", 21.0, 0.50, 0.3, 1.0), entry("copy_source", "t1", "t1ce", 23.0, 0.8, 0.2, 1.0),
+               # brain PSNR, order and contrast met, whole-image PSNR below the copy's: not the goal
+               entry("model", "t1ce", "t2", 22.0, 0.60, good, 1.0, psnr=20.0),
+               entry("copy_source", "t1ce", "t2", 14.0, 0.10, 1.2, 0.0, psnr=21.0),
                entry("model", "t1", "flair", 30.0, 0.9, good, 1.0, steps="multiple"),
                entry("copy_source", "t1", "flair", 10.0, 0.1, 1.0, 0.0, steps="multiple")]
     write_summary(summary, tmp_path / "summary.csv", tmp_path / "summary.md")
     comparisons = compare_with_copy(read_summary(tmp_path / "summary.csv"))
     assert [(c.src, c.tgt, c.meets_goal) for c in comparisons] == [
-        ("t1", "t1ce", False), ("t1", "t2", True), ("t2", "flair", False)]  # single steps only, Table 1 order
-    row = goal_row(comparisons)
-    assert (row["translations"], row["beats_copy_psnr"], row["beats_copy_ssim"], row["order_kept"],
-            row["small_contrast_error"], row["meets_goal"]) == (3, 2, 2, 2, 2, 1)
-    assert row["psnr_brain"] == pytest.approx((24 + 22 + 21) / 3) and row["copy_psnr_brain"] == pytest.approx(52 / 3)
-    assert row["tissue_order"] == pytest.approx(2.5 / 3)
+        ("t1", "t1ce", False), ("t1", "t2", True), ("t1ce", "t2", False), ("t2", "flair", False)]
+    row = goal_row(comparisons)  # single steps only, in Table 1 order
+    assert (row["translations"], row["beats_copy_psnr"], row["beats_copy_psnr_whole"], row["beats_copy_ssim"],
+            row["order_kept"], row["small_contrast_error"], row["meets_goal"]) == (4, 3, 2, 3, 3, 3, 1)
+    assert row["psnr_brain"] == pytest.approx((24 + 22 + 21 + 22) / 4) and row["copy_psnr_brain"] == pytest.approx(66 / 4)
+    assert row["tissue_order"] == pytest.approx(3.5 / 4)
 
 
 def test_fewer_test_slices_score_and_write_the_central_ones(trained_run, phantom_dir, tmp_path):
@@ -449,7 +453,7 @@ def test_demo_curve_reads_runs_and_writes_table_and_figure(tmp_path):
 
     def entry(method, src, tgt, psnr_brain):
         row = {key: math.nan for key in SUMMARY_COLUMNS}
-        row.update(method=method, steps="single", src=src, tgt=tgt, n=1, psnr_brain=psnr_brain,
+        row.update(method=method, steps="single", src=src, tgt=tgt, n=1, psnr_brain=psnr_brain, psnr=psnr_brain + 3,
                    ssim_brain=0.6 if method == "model" else 0.5, contrast_error=0.1, tissue_order=1.0)
         return row
 

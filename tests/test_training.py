@@ -76,10 +76,17 @@ def test_paper_config_builds_the_model_of_the_stated_size():
     assert enc.latent.shape == (1, 3, 16, 16)
 
 
-def test_resume_gives_the_same_next_steps_as_not_stopping(trained_run, phantom_dir, tmp_path):
+# the demo's learning-speed options: a weight average, lr warm-up and a quantizer bypass that ends
+# after the resume point (step 4), so that the k-means start happens in the resumed process
+SPEED_OPTIONS = ["train.ema_decay=0.9", "train.warmup_steps=6", "train.quantizer_warmup=5",
+                 "model.codebook_init=kmeans"]
+
+
+@pytest.mark.parametrize("options", [[], SPEED_OPTIONS], ids=["recipe", "ema_warmup_bypass"])
+def test_resume_gives_the_same_next_steps_as_not_stopping(options, phantom_dir, tmp_path):
     base = ["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set",
             *tiny_overrides(phantom_dir, tmp_path), "train.pretrain_epochs_contrast=-1",
-            "train.pretrain_epochs_rand=0"]
+            "train.pretrain_epochs_rand=0", *options]
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert train_main(base + [f"out_dir={whole}", "train.max_steps=7"]) == 0
     assert train_main(base + [f"out_dir={part}", "train.max_steps=4"]) == 0  # stops mid-epoch 1
@@ -88,6 +95,11 @@ def test_resume_gives_the_same_next_steps_as_not_stopping(trained_run, phantom_d
     assert sorted(resumed) == sorted(ref) == list(range(1, 8))
     for step in (5, 6, 7):
         assert float(resumed[step]["loss"]) == pytest.approx(float(ref[step]["loss"]), rel=1e-5), step
+    whole_state, part_state = (torch.load(run / "ckpt_last.pth", weights_only=True) for run in (whole, part))
+    for key in ("model", "train_model") if options else ("model",):  # the average is resumed too
+        for name, value in whole_state[key].items():
+            torch.testing.assert_close(part_state[key][name], value, rtol=1e-4, atol=1e-6, msg=f"{key} {name}")
+    assert ("train_model" in part_state) == bool(options)
     assert (part / "ckpt_best.pth").is_file() and (part / "progress.png").is_file()
     assert list((part / "samples").glob("*.png")) and list((part / "tensorboard").iterdir())
 

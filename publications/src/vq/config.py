@@ -123,6 +123,15 @@ class TrainConfig:
     lr_power: float = 0.9
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.05
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up over the first steps, times the poly schedule (0 = none, the paper)."""
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights (decay per step, e.g. 0.99): validation, sample grids
+    and the checkpoints' inference weights use the average (0 = off, the paper). nnSeq2Seq keeps one."""
+    quantizer_warmup: int = 0
+    """Training steps in which the latent bypasses the quantizer's lookup (z_e decodes directly, no
+    VQ loss); the codebook starts (k-means with model.codebook_init) on the first quantized step and
+    only a quantized model can become ckpt_best (0 = quantized from the first step, the paper)."""
     pretrain_epochs_contrast: int = 100
     """The contrastive term joins the consistency loss once the 0-based epoch is greater than this."""
     pretrain_epochs_rand: int = 200
@@ -329,6 +338,9 @@ def _validate(cfg: Config) -> None:
         (cfg.data.train_crop is None or (cfg.data.train_crop > 0 and cfg.data.train_crop % (2 ** cfg.model.n_down) == 0),
          "data.train_crop must be positive and divisible by 2**model.n_down (or null)"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0 (0 = no warm-up)"),
+        (0 <= cfg.train.ema_decay < 1, "train.ema_decay must be in [0, 1) (0 = no weight average)"),
+        (cfg.train.quantizer_warmup >= 0, "train.quantizer_warmup must be >= 0 (0 = quantized from the start)"),
         (cfg.model.restart_after >= 0, "model.restart_after must be >= 0 (0 = no codebook restarts)"),
         (cfg.data.n_slices >= 1, "data.n_slices must be >= 1"),
         (cfg.test.n_slices is None or cfg.test.n_slices >= 7,

@@ -43,6 +43,9 @@ class Comparison:
     copy_contrast_error: float
     tissue_order: float
     """Share of test subjects whose tissues sort by intensity as in the real target."""
+    psnr: float = math.nan
+    """Whole-image PSNR (the paper's), model and copy."""
+    copy_psnr: float = math.nan
 
     @property
     def name(self) -> str:
@@ -50,9 +53,9 @@ class Comparison:
 
     @property
     def meets_goal(self) -> bool:
-        """The demo's goal for one translation: brain PSNR and SSIM above the copy, the real tissue
-        order in every subject, contrast error under GOAL_CONTRAST_ERROR."""
-        return (self.psnr_brain > self.copy_psnr_brain and self.ssim_brain > self.copy_ssim_brain
+        """The demo's goal for one translation: brain and whole-image PSNR above the copy, the real
+        tissue order in every subject, contrast error under GOAL_CONTRAST_ERROR."""
+        return (self.psnr_brain > self.copy_psnr_brain and self.psnr > self.copy_psnr
                 and self.tissue_order == 1.0 and self.contrast_error < GOAL_CONTRAST_ERROR)
 
 
@@ -66,7 +69,7 @@ def compare_with_copy(summary: list[dict]) -> list[Comparison]:
             continue
         out.append(Comparison(src, tgt, model["psnr_brain"], copy["psnr_brain"], model["ssim_brain"],
                               copy["ssim_brain"], model["contrast_error"], copy["contrast_error"],
-                              model["tissue_order"]))
+                              model["tissue_order"], model["psnr"], copy["psnr"]))
     return sorted(out, key=lambda c: (SEQUENCES.index(c.src), SEQUENCES.index(c.tgt)))
 
 
@@ -79,7 +82,9 @@ def goal_row(comparisons: list[Comparison]) -> dict:
             "ssim_brain": mean("ssim_brain"), "copy_ssim_brain": mean("copy_ssim_brain"),
             "contrast_error": mean("contrast_error"), "copy_contrast_error": mean("copy_contrast_error"),
             "tissue_order": mean("tissue_order"),
+            "psnr": mean("psnr"), "copy_psnr": mean("copy_psnr"),
             "beats_copy_psnr": sum(c.psnr_brain > c.copy_psnr_brain for c in comparisons),
+            "beats_copy_psnr_whole": sum(c.psnr > c.copy_psnr for c in comparisons),
             "beats_copy_ssim": sum(c.ssim_brain > c.copy_ssim_brain for c in comparisons),
             "order_kept": sum(c.tissue_order == 1.0 for c in comparisons),
             "small_contrast_error": sum(c.contrast_error < GOAL_CONTRAST_ERROR for c in comparisons),

@@ -7,6 +7,7 @@ shared by the six outputs that are compared with them.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,38 @@ def poly_lr(cfg: Config, epoch: int) -> float:
     t = cfg.train
     frac = min(epoch / max(t.epochs, 1), 1.0)
     return t.min_lr + (t.lr - t.min_lr) * (1 - frac) ** t.lr_power
+
+
+def warmup_factor(cfg: Config, step: int) -> float:
+    """The linear warm-up's factor on the scheduled lr at a 0-based step (train.warmup_steps)."""
+    return min(1.0, (step + 1) / cfg.train.warmup_steps) if cfg.train.warmup_steps else 1.0
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (train.ema_decay), for validation and test.
+
+    The decay ramps up as min(decay, (1 + n) / (10 + n)) over the n updates, so that the average
+    does not remember the random initialisation. Buffers and the codebook are copied, not averaged:
+    a codebook restart or the k-means start moves a code at once, and a lagging code would be
+    chosen by no encoder output.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        own, new = dict(self.model.named_parameters()), dict(model.named_parameters())
+        averaged = [k for k in own if not k.startswith("quantizer.")]
+        torch._foreach_lerp_([own[k] for k in averaged], [new[k] for k in averaged], 1 - decay)
+        for key in own.keys() - set(averaged):
+            own[key].copy_(new[key])
+        for mine, theirs in zip(self.model.buffers(), model.buffers()):
+            mine.copy_(theirs)
+        self.model.bypass_quantizer = getattr(model, "bypass_quantizer", False)
 
 
 def make_optimizer(model: nn.Module, cfg: Config, capturable: bool = False) -> torch.optim.AdamW:

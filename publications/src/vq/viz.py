@@ -76,6 +76,27 @@ def plot_demo_curve(rows: list[dict], curves: dict[str, list[tuple[int, float, f
     plt.close(fig)
 
 
+def plot_study(curves: dict[str, list[tuple[int, float, float]]], out_png: str | Path) -> None:
+    """Validation brain PSNR against training minutes, a line per run ("SETTING/seedN"), one colour per
+    setting (tools/demo_study.py)."""
+    settings = list(dict.fromkeys(run.split("/")[0] for run in curves))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for run, points in curves.items():
+        setting = run.split("/")[0]
+        first = run == next(r for r in curves if r.startswith(setting + "/"))
+        if points:
+            _, minutes, psnr_brain = zip(*points)
+            ax.plot(minutes, psnr_brain, "-o", ms=3, lw=1, color=f"C{settings.index(setting)}",
+                    label=setting if first else None)
+    ax.set_xlabel("training minutes")
+    ax.set_ylabel("validation brain PSNR, dB")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
 def sample_grid(truth: dict[int, np.ndarray], translations: dict[int, dict[int, np.ndarray]],
                 title: str = "") -> np.ndarray:
     """An RGB image: first row the available ground truth, then one row per source with its

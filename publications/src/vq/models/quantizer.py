@@ -61,6 +61,11 @@ class VectorQuantizer(nn.Module):
             z, codebook = z_flat.float(), self.embedding.weight.float()
             return z.pow(2).sum(1, keepdim=True) - 2 * z @ codebook.t() + codebook.pow(2).sum(1)
 
+    def nearest(self, z_e: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) -> (B, H, W) indices of the nearest codes; nothing is updated."""
+        B, D, H, W = z_e.shape
+        return self.distances(z_e.permute(0, 2, 3, 1).reshape(-1, D)).argmin(1).view(B, H, W)
+
     def forward(self, z_e: torch.Tensor) -> QuantizerOutput:
         B, D, H, W = z_e.shape
         with torch.autocast(z_e.device.type, enabled=False):  # fp32 lookup and loss, see distances()

@@ -165,6 +165,8 @@ class VQSeq2Seq(nn.Module):
             self.quant_conv = self.quantizer = self.post_quant_conv = None
         self.decoder = Decoder(cfg.base_channels, cfg.n_down, cfg.n_res, cfg.code_dim, cfg.n_kernels,
                                cfg.hyper_bias)
+        self.bypass_quantizer = False
+        """The latent skips the quantizer's lookup: z_e is decoded as it is (train.quantizer_warmup)."""
         self.reset_parameters(cfg.init)
 
     def reset_parameters(self, init: str = "reference") -> None:
@@ -244,6 +246,8 @@ class VQSeq2Seq(nn.Module):
         if self.quantizer is None:
             return Encoded(z, None, z.new_zeros((), dtype=torch.float32), z)
         z_e = self.quant_conv(z)  # -> (B, D, H/4, W/4)
+        if self.bypass_quantizer:  # the nearest codes only for the statistics; no VQ loss, no codebook update
+            return Encoded(z_e, self.quantizer.nearest(z_e.detach()), z_e.new_zeros((), dtype=torch.float32), z_e)
         z_q, indices, loss = self.quantizer(z_e)
         return Encoded(z_q, indices, loss, z_e)
 

@@ -36,8 +36,8 @@ from vq.losses import PerceptualLoss
 from vq.models import build_model
 from vq.runtime import amp_dtype, cpu_name, resolve_device, rng_state, seed_everything, set_rng_state
 from vq.sequences import N_SEQ, available
-from vq.training import (Phase, build_training, load_optimizer_state, poly_lr, read_stats, set_lr, train_step,
-                         translate, validate)
+from vq.training import (Phase, WeightAverage, build_training, load_optimizer_state, poly_lr, read_stats, set_lr,
+                         train_step, translate, validate, warmup_factor)
 from vq.viz import plot_progress, sample_grid, save_png
 from vq.weights import MissingWeightsError
 
@@ -153,11 +153,16 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device, data) 
     steps_per_epoch = loader.sampler.batches_per_epoch
     epoch, step, in_epoch, best = 0, 0, 0, float("-inf")  # in_epoch: batches already drawn in this epoch
     state = read_checkpoint(run_dir / "ckpt_last.pth") if args.resume else None
-    if state:
-        load_model_weights(model, state, run_dir / "ckpt_last.pth")
+    if state:  # with train.ema_decay, "model" holds the average and "train_model" the trained weights
+        load_model_weights(model, {"model": state.get("train_model", state["model"])}, run_dir / "ckpt_last.pth")
         epoch, step, best = state["epoch"], state["step"], state["best_psnr"]
     run = build_training(cfg, device, model, perceptual, amp, start_step=step, ddp=ddp.enabled)
     model, optimizer = run.model, run.optimizer
+    ema = WeightAverage(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    if ema and state and "train_model" in state:
+        load_model_weights(ema.model, state, run_dir / "ckpt_last.pth")
+        ema.updates = state.get("ema_updates", step)
+    eval_model = ema.model if ema else model  # what validation, the sample grids and ckpt_best see
     eval_amp = amp_dtype(device, cfg.test.amp)  # validation as the evaluation: fp32 unless test.amp says
     log.info("model %s: %.2f M parameters; %d train / %d valid subjects",
              type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, len(train_rows),
@@ -178,7 +183,10 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device, data) 
 
     def checkpoint(name: str, finished: bool = False) -> None:
         if main_rank:
-            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+            weights = {"model": eval_model.state_dict()}
+            if ema:
+                weights.update(train_model=model.state_dict(), ema_updates=ema.updates)
+            save_checkpoint({**weights, "optimizer": optimizer.state_dict(), "epoch": epoch,
                              "step": step, "in_epoch": in_epoch, "steps_per_epoch": steps_per_epoch,
                              "best_psnr": best, "rng": rng_state(), "finished": finished,
                              "config": cfg.to_dict()}, run_dir / name)
@@ -248,7 +256,12 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device, data) 
                 if t.channels_last:
                     batch.update({key: batch[key].contiguous(memory_format=torch.channels_last)
                                   for key in ("src", "tgt")})
+                if t.warmup_steps and step + queued <= t.warmup_steps:
+                    set_lr(optimizer, lr * warmup_factor(cfg, step + queued))
+                model.bypass_quantizer = step + queued < t.quantizer_warmup
                 train_step(run, batch, phase)
+                if ema:
+                    ema.update(model)
                 in_epoch, queued = in_epoch + 1, queued + 1
                 if step + queued < due and not stop_requested:
                     continue
@@ -262,7 +275,7 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device, data) 
                     bar.set_postfix(step=step, loss=f"{stats['loss']:.3f}", l1=f"{stats['l1']:.3f}",
                                     sps=f"{stats['slices_per_s']:.1f}")
                     if step % t.log_every == 0 or step == 1:
-                        record({"step": step, "epoch": epoch, "lr": lr, **stats},
+                        record({"step": step, "epoch": epoch, "lr": lr * warmup_factor(cfg, step - 1), **stats},
                                {f"train/{k}": v for k, v in stats.items()})
                     if t.ckpt_every_steps and step % t.ckpt_every_steps == 0:
                         checkpoint("ckpt_last.pth")
@@ -277,18 +290,18 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device, data) 
             finished = epoch >= cfg.train.epochs or step >= cfg.train.max_steps
             epoch_done = in_epoch == 0
             if (epoch_done and (epoch % cfg.train.val_every == 0 or finished)) or (finished and cfg.train.val_at_end):
-                total, brain, count = sum_across(ddp, *validate(model, my_valid, device, cfg.test.batch_size,
+                total, brain, count = sum_across(ddp, *validate(eval_model, my_valid, device, cfg.test.batch_size,
                                                                 eval_amp, identity=cfg.train.val_identity))
                 psnr, psnr_brain = total / max(count, 1), brain / max(count, 1)
                 record({"step": step, "epoch": epoch, "lr": lr, "val_psnr": psnr, "val_psnr_brain": psnr_brain},
                        {"valid/psnr": psnr, "valid/psnr_brain": psnr_brain})
                 log.info("epoch %d step %d: valid PSNR %.2f dB (brain %.2f dB) over %d pairs", epoch, step, psnr,
                          psnr_brain, count)
-                if psnr > best:
+                if psnr > best and not model.bypass_quantizer:  # a bypassing model is not the method
                     best = psnr
                     checkpoint("ckpt_best.pth")
                 if main_rank:
-                    grid = sample_grid_for(model, valid, cache, device, eval_amp, f"epoch {epoch}, step {step}")
+                    grid = sample_grid_for(eval_model, valid, cache, device, eval_amp, f"epoch {epoch}, step {step}")
                     save_png(grid, run_dir / "samples" / f"epoch_{epoch:04d}.png")
                     writer.add_image("valid/samples", grid, step, dataformats="HWC")
             checkpoint("ckpt_last.pth", finished=finished)

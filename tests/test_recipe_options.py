@@ -1,0 +1,99 @@
+"""The demo's learning-speed options (all off in the paper configs): weight average, lr warm-up,
+quantizer bypass. Each test runs the real model or training script."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from conftest import CONFIGS, tiny_overrides
+from vq.config import load_config
+from vq.models import build_model
+from vq.train.train_brats_vq_seq2seq_2d import main as train_main
+from vq.training import WeightAverage
+
+PAPER_CONFIGS = ["seq2seq_brats_2d_missing_3", "vq_brats_2d_missing_3_256", "vqcon_brats_2d_missing_3_256",
+                 "vqseq2seq_brats_2d_missing_3_256", "vqseq2seq_noaug_brats_2d_missing_3_256"]
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_the_paper_configs_leave_every_option_off(name):
+    t = load_config(CONFIGS / f"{name}.yaml").train
+    assert (t.ema_decay, t.warmup_steps, t.quantizer_warmup) == (0.0, 0, 0)
+
+
+def tiny_model():
+    cfg = load_config(None, ["model.base_channels=4", "model.n_res=1", "model.n_kernels=2", "model.n_embed=16",
+                             "model.codebook_init=kmeans"])
+    torch.manual_seed(0)
+    return build_model(cfg.model).train()
+
+
+def test_the_bypass_decodes_the_encoder_output_and_leaves_the_codebook_alone():
+    model = tiny_model()
+    images = torch.rand(2, 1, 32, 32) * 2 - 1
+    model.bypass_quantizer = True
+    enc = model.encode(images)
+    assert torch.equal(enc.latent, enc.pre_quant) and float(enc.loss_vq) == 0.0
+    codebook = model.quantizer.embedding.weight.detach().clone()
+    assert model.quantizer.init_pending and torch.equal(model.quantizer.embedding.weight, codebook)
+    assert enc.indices.shape == (2, 8, 8)  # the nearest codes, for the usage statistics
+    model.bypass_quantizer = False  # the first quantized step starts the codebook (k-means) and snaps to it
+    enc = model.encode(images)
+    assert not model.quantizer.init_pending and not torch.equal(model.quantizer.embedding.weight, codebook)
+    snapped = model.quantizer.embedding.weight.detach()[enc.indices].permute(0, 3, 1, 2)  # (B, D, h, w)
+    torch.testing.assert_close(enc.latent.detach(), snapped)
+
+
+def test_the_average_lags_the_weights_and_copies_the_codebook():
+    model = tiny_model()
+    model.encode(torch.rand(2, 1, 32, 32))  # k-means start
+    ema = WeightAverage(model, decay=0.5)
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.updates = 100  # past the decay's ramp: one update moves the average half way
+    ema.update(model)
+    for name, p in ema.model.named_parameters():
+        if name.startswith("quantizer."):
+            assert torch.equal(p, dict(model.named_parameters())[name]), name
+        else:  # strictly between the old and the new weights: averaged, neither copied nor left
+            moved = (p - start[name]).mean().item()
+            assert moved == pytest.approx(0.5, abs=1e-5), name
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+def read_log(run_dir) -> list[dict]:
+    with open(run_dir / "log.csv", newline="") as f:
+        return [r for r in csv.DictReader(f) if r["loss"]]
+
+
+def test_warmup_slows_the_first_updates(phantom_dir, tmp_path):
+    """train.warmup_steps: the first steps move the weights by a fraction of the scheduled lr."""
+    moved = {}
+    for warmup in (0, 1000):
+        run = tmp_path / f"warmup{warmup}"
+        assert train_main(["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set",
+                           *tiny_overrides(phantom_dir, tmp_path), f"out_dir={run}", "train.max_steps=2",
+                           f"train.warmup_steps={warmup}", "model.codebook_init=uniform"]) == 0
+        cfg = load_config(run / "config.yaml")
+        torch.manual_seed(cfg.seed)
+        start = build_model(cfg.model).state_dict()
+        trained = torch.load(run / "ckpt_last.pth", weights_only=True)["model"]
+        moved[warmup] = sum((trained[k].float() - v.float()).abs().sum().item() for k, v in start.items()
+                            if "encoder" in k)
+        assert float(read_log(run)[0]["lr"]) == pytest.approx(cfg.train.lr / max(warmup, 1))
+    assert moved[1000] < 0.05 * moved[0], moved
+
+
+def test_quantizer_warmup_steps_have_no_vq_loss_and_no_best_checkpoint(phantom_dir, tmp_path, caplog):
+    run = tmp_path / "run"
+    assert train_main(["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set",
+                       *tiny_overrides(phantom_dir, tmp_path), "train.max_steps=6", "train.quantizer_warmup=4",
+                       "model.codebook_init=kmeans", "train.epochs=3"]) == 0  # 3 steps an epoch
+    vq = [float(r["vq"]) for r in read_log(run)]
+    assert vq[:4] == [0.0] * 4 and all(v > 0 for v in vq[4:]), vq
+    state = torch.load(run / "ckpt_best.pth", weights_only=True)
+    assert state["step"] == 6 and bool(state["model"]["quantizer.initialised"])  # epoch 1's model bypassed
