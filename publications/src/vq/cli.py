@@ -69,7 +69,7 @@ def open_test_run(args: argparse.Namespace, result: str, n_subjects: int | None 
     out = Path(args.out)
     if (out / result).exists() and not args.overwrite:
         raise FileExistsError(f"{out} already holds results; pass --overwrite or choose another -o")
-    translator = load_translator(cfg, args.load, resolve_device(args.device))
+    translator = load_translator(cfg, args.load, device=resolve_device(args.device))
     root, data_list = resolve_path(cfg.data.root), cfg.lists_dir / args.list
     subjects = read_list(data_list)[:n_subjects]
     cache = SliceCache(resolve_path(cfg.data.cache_dir), root, cfg.data)

@@ -64,7 +64,7 @@ def run(args) -> None:
     if args.compare:
         configs.append(load_config(args.compare_config or args.config, args.set))
         checkpoints.append(args.compare)
-        translators.append(load_translator(configs[-1], args.compare, device))
+        translators.append(load_translator(configs[-1], args.compare, device=device))
     models = dict(zip(robustness.model_labels(configs, checkpoints), translators))
     lpips = LPIPSMetric.try_create(args.lpips_weights or test.cfg.test.lpips_weights, device=device)
     table = robustness.run(test, models, lpips, args.slices)

@@ -58,7 +58,7 @@ def run(args) -> int:
             print(f"{len(rows)} cases written to {args.out}; dropped modalities in {args.out / 'dropped.csv'}")
         elif args.command == "complete":
             cfg = load_config(args.config, args.set)
-            translator = load_translator(cfg, args.load, resolve_device(args.device))
+            translator = load_translator(cfg, args.load, device=resolve_device(args.device))
             report = complete_folder(translator, args.root, args.out, args.flat, cfg.data.percentile)
             done = sum(text.endswith("written") for text in report.values())
             print(f"{done} of {len(report)} cases completed into {args.out}")

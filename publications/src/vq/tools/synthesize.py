@@ -139,7 +139,7 @@ def run(args) -> None:
     cfg = load_config(args.config, args.set)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    translator = load_translator(cfg, args.load, device)
+    translator = load_translator(cfg, args.load, device=device)
     out = Path(args.out)
     sources = {s: load_volume(path) for s, path in args.src}
     first = next(iter(sources.values()))
