@@ -85,6 +85,20 @@ def test_a_broken_test_subject_is_an_error_naming_it(how, broken, trained_run, t
         assert path.name in errors[-1]
 
 
+@pytest.mark.parametrize("suffix", ["seg", "tissue"])
+def test_a_broken_label_map_of_the_last_subject_stops_evaluation_before_any_prediction(
+        suffix, broken, trained_run, tmp_path, caplog):
+    """The label maps are read inside the subject loop; they are checked before its first prediction."""
+    name, _ = read_list(broken / "test.csv")[-1]
+    path = broken / name / f"{name}_{suffix}.nii.gz"
+    break_file(path, "truncated")
+    out = tmp_path / "out"
+    assert evaluate_main(eval_args(trained_run, broken, out)) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors and path.name in errors[-1] and "\n" not in errors[-1]
+    assert not (out / "figures").exists() and not (out / "nifti").exists()  # nothing predicted, nothing lost
+
+
 def test_test_subjects_need_no_segmentation(broken, trained_run, tmp_path):
     # users' own test sets often have no seg file; the script reads only the sequences
     names = [name for name, _ in read_list(broken / "test.csv")]

@@ -141,6 +141,8 @@ def evaluate(test: TestRun, lpips: LPIPSMetric | None) -> list[dict]:
     label map exists), summary.csv and summary.md, figures/<ID>.png (source, prediction and real target
     of every single step) and, with test.save_nifti, nifti/<ID>/ in the source files' geometry."""
     cfg, device, out = test.cfg, test.translator.device, test.out
+    for name, _ in tqdm(test.subjects, desc="checking label maps", dynamic_ncols=True, leave=False):
+        eval_labels(test.root, name, cfg)  # a broken one stops the run here, before any prediction
     out.mkdir(parents=True, exist_ok=True)
     rows, baseline, contrast = [], [], []
     for name, code in tqdm(test.subjects, desc="subjects", dynamic_ncols=True):
