@@ -122,3 +122,26 @@ def test_tissue_map_beside_the_brats_files_matches_the_contrasts(phantom_dir):
     assert mean(t2, "csf") > mean(t2, "gm") > mean(t2, "wm")
     assert mean(flair, "csf") < mean(flair, "wm")
     assert (labels == TISSUE_LABELS["enhancing"]).sum() > 100  # subject 0 has a tumour
+
+
+def test_a_2mm_phantom_is_the_same_anatomy_on_a_coarser_grid(phantom_dir, tmp_path):
+    """--spacing 2: half the voxels per axis, and in world coordinates the tumour and the brain sit where
+    the 1 mm files have them (the affine carries the block centres), with the same tissue contrast."""
+    coarse = generate_dataset(tmp_path / "p2", n=1, seed=0, workers=1, spacing=2)
+    assert json.loads((coarse / MANIFEST).read_text())["spacing_mm"] == 2
+    name = subject_id(0)
+
+    def world_centre(folder, suffix, select):
+        volume = load_volume(folder / name / f"{name}_{suffix}.nii.gz")
+        index = np.argwhere(select(volume.data)).mean(0)
+        return volume.affine[:3, :3] @ index + volume.affine[:3, 3], volume
+
+    for suffix, select in ((SEG, lambda a: a > 0), ("t1", lambda a: a > 0)):
+        fine, _ = world_centre(phantom_dir, suffix, select)
+        centre, volume = world_centre(coarse, suffix, select)
+        assert volume.data.shape == (120, 120, 78) and np.allclose(np.abs(np.diag(volume.affine)[:3]), 2)
+        assert np.abs(centre - fine).max() < 1.0, (suffix, centre, fine)
+    t2 = load_volume(coarse / name / f"{name}_t2.nii.gz").data
+    seg = load_volume(coarse / name / f"{name}_{SEG}.nii.gz").data
+    assert set(np.unique(seg)) <= {0, NECROSIS, OEDEMA, ENHANCING} and (seg == OEDEMA).any()
+    assert t2[seg == OEDEMA].mean() > 1.3 * t2[(seg == 0) & (t2 > 0)].mean()  # oedema stays bright on T2

@@ -290,11 +290,39 @@ def make_subject(index: int, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def _save(array: np.ndarray, path: Path) -> None:
+def coarsen(subject: dict[str, np.ndarray], factor: int) -> dict[str, np.ndarray]:
+    """A subject on a grid `factor` times coarser, as a scanner with larger voxels would see it: images and
+    tissue fractions averaged over each factor^3 block (partial volume), the segmentation by majority.
+    Axes are padded with background to a multiple of `factor` (155 slices -> 78 at 2 mm)."""
+    out = {}
+    for name, array in subject.items():
+        padded = np.pad(array, [(0, -n % factor) for n in array.shape])
+        x, y, z = (n // factor for n in padded.shape)
+        blocks = padded.reshape(x, factor, y, factor, z, factor).transpose(0, 2, 4, 1, 3, 5).reshape(x, y, z, -1)
+        if name == SEG:
+            values = np.array([0, *LABELS.values()], np.uint8)
+            counts = np.stack([(blocks == v).sum(-1) for v in values])
+            out[name] = values[counts.argmax(0)]
+        elif np.issubdtype(array.dtype, np.integer):
+            out[name] = np.rint(blocks.mean(-1, dtype=np.float32)).astype(array.dtype)
+        else:
+            out[name] = blocks.mean(-1, dtype=np.float32)
+    return out
+
+
+def grid_affine(spacing: int) -> np.ndarray:
+    """The BraTS affine for voxels of `spacing` mm: voxel i's centre is the centre of 1 mm voxels
+    spacing*i .. spacing*i + spacing - 1."""
+    scale = np.diag([spacing, spacing, spacing, 1.0])
+    scale[:3, 3] = (spacing - 1) / 2
+    return AFFINE @ scale
+
+
+def _save(array: np.ndarray, path: Path, affine: np.ndarray = AFFINE) -> None:
     stored = np.ascontiguousarray(array[::-1, ::-1, :])  # RAS voxel order -> BraTS's LPS storage
-    image = nib.Nifti1Image(stored, AFFINE)
-    image.set_qform(AFFINE, code=1)
-    image.set_sform(AFFINE, code=1)
+    image = nib.Nifti1Image(stored, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm")
     nib.save(image, str(path))
 
@@ -307,28 +335,32 @@ def tissue_map(subject: dict[str, np.ndarray]) -> np.ndarray:
     return np.where(fractions.max(0) >= 0.5, labels, 0).astype(np.uint8)
 
 
-def write_subject(index: int, seed: int, out_dir: Path) -> str:
-    """Generate one subject and write its five BraTS files and, beside them, its tissue map;
-    returns the subject ID."""
+def write_subject(index: int, seed: int, out_dir: Path, spacing: int = 1) -> str:
+    """Generate one subject (on a `spacing` mm grid) and write its five BraTS files and, beside them,
+    its tissue map; returns the subject ID."""
     subject = make_subject(index, seed)
+    if spacing > 1:
+        subject = coarsen(subject, spacing)
     name = subject_id(index)
     folder = Path(out_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
+    affine = grid_affine(spacing)
     for suffix in (*SEQUENCES, SEG):
-        _save(subject[suffix], folder / f"{name}_{suffix}.nii.gz")
-    _save(tissue_map(subject), folder / f"{name}_{TISSUE}.nii.gz")
+        _save(subject[suffix], folder / f"{name}_{suffix}.nii.gz", affine)
+    _save(tissue_map(subject), folder / f"{name}_{TISSUE}.nii.gz", affine)
     return name
 
 
-def _manifest(n: int, seed: int) -> dict:
-    return {"generator": "vq.tools.make_phantom_brats", "version": VERSION, "n": n, "seed": seed,
-            "subjects": [subject_id(i) for i in range(n)]}
+def _manifest(n: int, seed: int, spacing: int = 1) -> dict:
+    manifest = {"generator": "vq.tools.make_phantom_brats", "version": VERSION, "n": n, "seed": seed,
+                "subjects": [subject_id(i) for i in range(n)]}
+    return manifest if spacing == 1 else {**manifest, "spacing_mm": spacing}  # 1 mm manifests as before
 
 
-def is_complete(out_dir: str | Path, n: int, seed: int) -> bool:
-    """True when out_dir holds a finished dataset of this generator version, n and seed."""
+def is_complete(out_dir: str | Path, n: int, seed: int, spacing: int = 1) -> bool:
+    """True when out_dir holds a finished dataset of this generator version, n, seed and spacing."""
     out_dir = Path(out_dir)
-    expected = _manifest(n, seed)
+    expected = _manifest(n, seed, spacing)
     try:
         if json.loads((out_dir / MANIFEST).read_text()) != expected:
             return False
@@ -341,12 +373,15 @@ def is_complete(out_dir: str | Path, n: int, seed: int) -> bool:
 
 
 def generate_dataset(out_dir: str | Path, n: int, seed: int = 0, workers: int | None = None,
-                     force: bool = False) -> Path:
-    """Write n phantom subjects and train/valid/test lists to out_dir; reuse a complete one."""
+                     force: bool = False, spacing: int = 1) -> Path:
+    """Write n phantom subjects (voxels of `spacing` mm: 1, BraTS's grid, or coarser) and
+    train/valid/test lists to out_dir; reuse a complete one."""
     out_dir = Path(out_dir)
     if n < 1:
         raise ValueError(f"number of subjects must be >= 1, got {n}")
-    if not force and is_complete(out_dir, n, seed):
+    if spacing < 1:
+        raise ValueError(f"spacing must be a whole number of mm >= 1, got {spacing}")
+    if not force and is_complete(out_dir, n, seed, spacing):
         log.info("%s already holds the phantom dataset (n=%d, seed=%d); skipping (--force regenerates)",
                  out_dir, n, seed)
         return out_dir
@@ -354,7 +389,7 @@ def generate_dataset(out_dir: str | Path, n: int, seed: int = 0, workers: int | 
     (out_dir / MANIFEST).unlink(missing_ok=True)  # written last: its presence means complete
     workers = min(workers or min(2, os.cpu_count() or 1), n)
     log.info("writing %d phantom subjects (seed %d) to %s with %d worker(s)", n, seed, out_dir, workers)
-    job = functools.partial(write_subject, seed=seed, out_dir=out_dir)
+    job = functools.partial(write_subject, seed=seed, out_dir=out_dir, spacing=spacing)
     if workers == 1:
         names = [job(i) for i in tqdm(range(n), desc="phantom", unit="subject")]
     else:
@@ -363,7 +398,7 @@ def generate_dataset(out_dir: str | Path, n: int, seed: int = 0, workers: int | 
         with mp.get_context("fork" if "fork" in methods else None).Pool(workers) as pool:
             names = list(tqdm(pool.imap_unordered(job, range(n)), total=n, desc="phantom", unit="subject"))
     make_lists(names, out_dir, seed)
-    (out_dir / MANIFEST).write_text(json.dumps(_manifest(n, seed), indent=1))
+    (out_dir / MANIFEST).write_text(json.dumps(_manifest(n, seed, spacing), indent=1))
     return out_dir
 
 
@@ -374,13 +409,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=None, help="processes (default: 2 or fewer cores)")
     parser.add_argument("--force", action="store_true", help="regenerate even if a complete dataset exists")
+    parser.add_argument("--spacing", type=int, default=1, help="voxel size in mm (default 1, the BraTS grid; "
+                        "2: 120 x 120 x 78, block averages of the 1 mm phantom)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.n < 1:
         parser.error(f"-n must be >= 1, got {args.n}")
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
-    generate_dataset(args.out, args.n, args.seed, args.workers, args.force)
+    if args.spacing < 1:
+        parser.error(f"--spacing must be >= 1, got {args.spacing}")
+    generate_dataset(args.out, args.n, args.seed, args.workers, args.force, args.spacing)
 
 
 if __name__ == "__main__":
