@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from vq.checkpoint import read_checkpoint
 from vq.cli import run_main
 from vq.config import ConfigError, REPO_ROOT, load_config
 from vq.files import write_atomic
@@ -126,12 +127,20 @@ def run(args) -> None:
     print(md)
 
 
+def trained(run_dir: Path) -> bool:
+    """Whether the run folder holds a finished training (its last checkpoint says so)."""
+    last = run_dir / "ckpt_last.pth"
+    return last.is_file() and (run_dir / "ckpt_best.pth").is_file() and bool(read_checkpoint(last).get("finished"))
+
+
 def train_and_evaluate(study: Study, out: Path, setting: str, seed: int) -> bool:
-    """One run: train (from scratch; a partial run folder is replaced) and evaluate; False if either failed."""
+    """One run: train (from scratch; a partial run folder is replaced; a finished one is kept) and
+    evaluate; False if either failed."""
     run_dir = out / setting / f"seed{seed}"
-    if run_dir.exists():
+    done = trained(run_dir)
+    if run_dir.exists() and not done:
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     threads = str(study.threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     overrides = study.common + study.settings[setting] + [f"seed={seed}", f"out_dir={run_dir}"]
@@ -140,8 +149,8 @@ def train_and_evaluate(study: Study, out: Path, setting: str, seed: int) -> bool
     test = [sys.executable, str(SCRIPTS / "test" / "test_brats_vq_2d_metrics.py"), "-d", "cpu",
             "-c", str(run_dir / "config.yaml"), "-l", str(run_dir / "ckpt_best.pth"), "-o", str(run_dir / "results"),
             "--overwrite", "--set", *study.evaluate]
-    with (run_dir / "stdout.log").open("w") as logfile:
-        for command in (train, test):
+    with (run_dir / "stdout.log").open("a") as logfile:
+        for command in [test] if done else [train, test]:
             log.info("%s/seed%d: %s", setting, seed, Path(command[1]).name)
             if subprocess.run(command, env=env, stdout=logfile, stderr=subprocess.STDOUT).returncode != 0:
                 return False
