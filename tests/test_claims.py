@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 
 import nibabel as nib
@@ -192,3 +193,31 @@ def test_oneshot_segmentation_finds_the_supports_labels_in_its_copy(trained_run,
     tc = [scores[name, "intensity"]["tc"] for name in (other, copy)]
     table = (out / "oneshot_seg.md").read_text()
     assert "| intensity | 2 | " in table and f"{np.mean(tc):.3f} +- {np.std(tc):.3f}" in table
+
+
+def test_oneshot_checks_every_segmentation_before_the_first_prediction(trained_run, phantom_dir, tmp_path, caplog):
+    """A broken segmentation of the last query stops the run before the support is even encoded."""
+    caplog.set_level(logging.INFO)
+    overrides, run_dir = trained_run
+    subjects = read_list(phantom_dir / "test.csv")
+    root = tmp_path / "data"
+    root.mkdir()
+    for name, _ in subjects:
+        (root / name).symlink_to(phantom_dir / name)
+    last, _ = subjects[-1]
+    (root / last).unlink()
+    (root / last).mkdir()
+    for file in (phantom_dir / last).iterdir():
+        (root / last / file.name).symlink_to(file)
+    seg = root / last / f"{last}_seg.nii.gz"
+    seg.unlink()
+    seg.write_bytes((phantom_dir / last / seg.name).read_bytes()[:2000])  # truncated
+    write_list(root / "test.csv", subjects)
+    out = tmp_path / "oneshot"
+    assert oneshot_main(["-d", "cpu", "-c", str(CONFIG), "-l", str(run_dir / "ckpt_best.pth"), "-o", str(out),
+                         "--set", *overrides, "data.crop=128", f"data.root={root}",
+                         f"data.cache_dir={tmp_path / 'cache'}"]) == 2  # 128: the first subject's tumour is in
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors and seg.name in errors[-1]
+    assert not any(r.getMessage().startswith("support ") for r in caplog.records)  # no classifier was built
+    assert not out.exists()

@@ -5,6 +5,7 @@ import csv
 
 import pytest
 import torch
+import yaml
 
 from conftest import CONFIGS, tiny_overrides
 from vq.config import load_config
@@ -120,6 +121,19 @@ def test_resume_with_another_batch_size_restarts_the_epoch(older_checkpoint, pha
     state = torch.load(run / "ckpt_last.pth", weights_only=True)
     assert (state["step"], state["epoch"], state["in_epoch"]) == (10, 1, 6)  # epoch 1 ran all 6 steps from step 5
     assert sorted(read_log(run)) == list(range(1, 11))
+
+
+def test_resume_names_the_settings_its_saved_config_predates(phantom_dir, tmp_path, caplog):
+    run = tmp_path / "run"
+    base = ["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set", *tiny_overrides(phantom_dir, tmp_path)]
+    assert train_main(base + ["train.max_steps=2"]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())  # as a run started before these settings existed
+    del saved["train"]["ema_decay"], saved["train"]["warmup_steps"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert train_main(["-d", "cpu", "--resume", str(run), "--set", "train.max_steps=3", "train.warmup_steps=0"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "predates" in r.getMessage()]
+    assert len(warnings) == 1 and "train.ema_decay=0.0" in warnings[0]
+    assert "warmup_steps" not in warnings[0]  # given with --set: not a silent default
 
 
 def test_resume_after_a_hard_kill_logs_each_step_once(phantom_dir, tmp_path):

@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from vq.files import write_atomic
 from vq.inference import Translator, synthesize
@@ -213,8 +214,8 @@ def evaluate_folder(completed: str | Path, truth: str | Path, dropped: str | Pat
     completed, truth = Path(completed), Path(truth)
     with open(dropped, newline="") as f:
         plan = [(row["case"], row["dropped"]) for row in csv.DictReader(f)]
-    rows = []
-    for case, suffix in plan:
+    inputs = []  # (case, dropped, real, segmentation, synthesised, copied): every file, found and read once first
+    for case, suffix in tqdm(plan, desc="checking cases", dynamic_ncols=True, leave=False):
         files, seg = case_files(truth / case), seg_file(truth / case)
         if suffix not in files or seg is None:
             raise BrasynError(f"{truth / case}: no real {suffix} or no segmentation to score against")
@@ -222,9 +223,15 @@ def evaluate_folder(completed: str | Path, truth: str | Path, dropped: str | Pat
         synthesised = next((p for p in (completed / case / name, completed / name) if p.is_file()), None)
         if synthesised is None:
             raise BrasynError(f"{case}: no synthesised {name} in {completed}")
-        real = load_volume(files[suffix]).data
+        case_inputs = (files[suffix], seg, synthesised, files[COPY_FROM[suffix]])
+        for path in case_inputs:  # a broken file stops the run here, before any score
+            load_labels(path, allowed=None) if path == seg else load_volume(path)
+        inputs.append((case, suffix, *case_inputs))
+    rows = []
+    for case, suffix, real_path, seg, synthesised, copied in tqdm(inputs, desc="scoring", dynamic_ncols=True):
+        real = load_volume(real_path).data
         labels = load_labels(seg, allowed=None)  # all zeros allowed: a case may have no tumour
-        for method, path in (("model", synthesised), ("copy_" + COPY_FROM[suffix], files[COPY_FROM[suffix]])):
+        for method, path in (("model", synthesised), ("copy_" + COPY_FROM[suffix], copied)):
             rows.append({"case": case, "dropped": suffix, "method": method,
                          **brasyn_scores(load_volume(path).data, real, labels)})
     return rows, summarize(rows)

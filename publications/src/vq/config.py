@@ -431,5 +431,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     return cfg
 
 
+def missing_keys(path: str | Path) -> list[str]:
+    """The config keys that a config file (with its `base:` chain) does not set: a run saved before
+    those settings existed takes today's defaults for them."""
+    raw = _read_yaml(Path(path))
+
+    def has(key: str) -> bool:
+        node = raw
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    return [key for key in valid_keys() if not has(key)]
+
+
+def get_key(cfg: Config, key: str):
+    """The value of a dotted config key, e.g. get_key(cfg, "train.lr")."""
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

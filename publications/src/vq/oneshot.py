@@ -115,6 +115,8 @@ def run(test: TestRun, seq: int, support: str | None = None, query_seq: int | No
         labels = load_labels(subject_files(test.root, name, [SEG], cfg.data.naming)[SEG])
         return label_stack(labels, cfg.data.n_slices, cfg.data.n_slices, cfg.data.crop)
 
+    for name, _ in tqdm(test.subjects, desc="checking segmentations", dynamic_ncols=True, leave=False):
+        truth(name)  # a missing or broken one stops the run here, before any prediction
     support = pick_support(support, [name for name, _ in test.subjects], truth)
     factor = 2 ** cfg.model.n_down  # the latent's downsampling
     extract = {"latent": lambda stack: test.translator.encode(stack),  # (S,1,H,W) -> (S,D,H/f,W/f)

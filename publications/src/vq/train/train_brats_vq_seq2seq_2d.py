@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from vq.checkpoint import CheckpointError, load_model_weights, read_checkpoint, save_checkpoint
 from vq.cli import add_set_arg, run_main
-from vq.config import load_config, resolve_path, save_config
+from vq.config import get_key, load_config, missing_keys, resolve_path, save_config
 from vq.dataloader.brats import BratsDataError, SliceCache
 from vq.dataloader.check import check_lists
 from vq.dataloader.datasets import load_eval_stack, make_train_loader
@@ -76,6 +76,11 @@ def train(args) -> int:
         cfg = load_config(config_path, args.set + [f"out_dir={run_dir}"])
         if not (run_dir / "ckpt_last.pth").is_file():
             raise CheckpointError(f"--resume {run_dir}: no ckpt_last.pth there to resume from")
+        given = {item.split("=", 1)[0].strip() for item in args.set}
+        newer = [key for key in missing_keys(config_path) if key not in given]
+        if newer:  # settings added to the code since the run started: the run continues with their defaults
+            log.warning("%s predates %d setting(s); resuming with their defaults: %s (set others with --set)",
+                        config_path, len(newer), ", ".join(f"{k}={get_key(cfg, k)!r}" for k in newer))
     else:
         cfg = load_config(args.config, args.set)
         run_dir = resolve_path(cfg.out_dir)
