@@ -37,6 +37,10 @@ def test_python_api_synthesises_a_missing_sequence_from_arrays(trained_run, phan
     cfg = load_config(CONFIGS / "demo_phantom_cpu.yaml", overrides)
     translator = load_translator(cfg, run_dir / "ckpt_best.pth", device="cpu", batch_size=8, precision="none")
     assert translator.batch_size == 8 and translator.amp is None
+    # the training data's brain range per sequence, for z-scored inputs (vq.dataloader.preprocess.prepare)
+    reference = translator.intensity_reference
+    assert set(reference) <= {"t1", "t1ce", "t2", "flair"} and len(reference) >= 2
+    assert all(-1 < lo < hi <= 1 for lo, hi in reference.values())
     name = "BraTS2021_00000"
     t1, t2 = (load_volume(phantom_dir / name / f"{name}_{s}.nii.gz").data[:, :, 70:74] for s in ("t1", "t2"))
     out = synthesize(translator, {"t1": t1, "t2": t2}, ["flair", "t1ce"])

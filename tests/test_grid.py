@@ -263,3 +263,50 @@ def test_the_measured_thick_flair_grid_is_oblique_anisotropic_and_covers_the_hea
     assert np.allclose(thick.spacing, [0.9, 0.9, 5.0])
     assert nib.aff2axcodes(thick.affine) != nib.aff2axcodes(brats.affine)
     assert coverage(thick, brats)[20:-20, 20:-20, 10:-10].all()
+
+
+# ----------------------------------------------------------------------------- z-scored and negative inputs
+def test_a_zscored_volume_is_mapped_back_onto_the_raw_normalisation(phantom_dir):
+    """Inside the brain z-scoring is affine, so matching the brain's robust range to the model's
+    reference (here: this very volume's, as training would record it) gives back the raw normalisation."""
+    from vq.dataloader.preprocess import brain_range, normalize, prepare
+
+    raw = load_volume(phantom_dir / "BraTS2021_00001" / "BraTS2021_00001_t1.nii.gz").data
+    brain = raw > 0
+    zscored = np.where(brain, (raw - raw[brain].mean()) / raw[brain].std(), 0)
+    expected = normalize(raw)
+    mapped = prepare(zscored, reference=brain_range(expected))
+    assert (mapped[~brain] == -1).all()
+    inside = brain & (expected < 1)  # not where the raw normalisation clips at 2 x p99
+    assert np.abs(mapped[inside] - expected[inside]).max() < 0.01
+    np.testing.assert_array_equal(prepare(raw), expected)  # scanner intensities: unchanged
+
+
+@pytest.mark.parametrize("case, message", [
+    ("constant", "the brain's intensities are constant"),
+    ("no_background", "no voxel is background"),
+])
+def test_intensities_that_cannot_be_mapped_are_named(tiny_model, scans, tmp_path, caplog, case, message):
+    source = load_volume(scans["t1"])
+    data = np.where(source.data > 0, -2.0, 0.0) if case == "constant" else source.data - source.data.max() - 1
+    path = save(data.astype(np.float32), scans["one_mm"], tmp_path / f"{case}.nii.gz")
+    with caplog.at_level(logging.ERROR):
+        assert synthesize(tiny_model, tmp_path / "out", "--src", "t1", path, "--tgt", "t2") == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and message in errors[0] and f"{case}.nii.gz" in errors[0]
+    assert "overlap" not in errors[0]
+
+
+def test_zscored_and_negated_sources_are_synthesised_with_one_log_line(tiny_model, scans, tmp_path, caplog):
+    source = load_volume(scans["t1"]).data
+    brain = source > 0
+    files = {"zscored": np.where(brain, (source - source[brain].mean()) / source[brain].std(), 0),
+             "negated": -source}
+    for name, data in files.items():
+        path = save(data.astype(np.float32), scans["one_mm"], tmp_path / f"{name}.nii.gz")
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert synthesize(tiny_model, tmp_path / name, "--src", "t1", path, "--tgt", "t2") == 0
+        said = [r.getMessage() for r in caplog.records if "negative intensities inside the brain" in r.getMessage()]
+        assert len(said) == 1 and f"{name}.nii.gz" in said[0]
+        assert (tmp_path / name / "t2_from_t1.nii.gz").is_file()

@@ -69,13 +69,14 @@ def load_model_weights(model: nn.Module, state: dict, path: str | Path = "checkp
     model.load_state_dict(weights)
 
 
-def load_trained_model(cfg: Config, checkpoint: str, device: torch.device) -> torch.nn.Module:
-    """The config's model with the checkpoint's weights, in eval mode on `device`.
+def load_trained_model(cfg: Config, checkpoint: str, device: torch.device, state: dict | None = None) -> torch.nn.Module:
+    """The config's model with the checkpoint's weights (`state`: the checkpoint already read), in eval
+    mode on `device`.
 
     Warns when the config normalises intensities differently from the run that wrote the
     checkpoint (its config is saved in it): the model would then see inputs it was not trained on.
     """
-    state = read_checkpoint(checkpoint)
+    state = read_checkpoint(checkpoint) if state is None else state
     model = build_model(cfg.model).to(device)
     load_model_weights(model, state, checkpoint)
     trained = (state.get("config") or {}).get("data", {}).get("percentile")

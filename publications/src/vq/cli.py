@@ -18,11 +18,12 @@ from vq.dataloader.brats import BratsDataError, SliceCache
 from vq.dataloader.lists import DataListError, read_list
 from vq.evaluation import TestRun
 from vq.inference import load_translator
+from vq.dataloader.preprocess import IntensityError
 from vq.nifti import NiftiError
 from vq.runtime import DeviceError, resolve_device
 from vq.weights import MissingWeightsError
 
-USER_ERRORS = (ConfigError, DeviceError, BratsDataError, DataListError, NiftiError, CheckpointError,
+USER_ERRORS = (ConfigError, DeviceError, IntensityError, BratsDataError, DataListError, NiftiError, CheckpointError,
                MissingWeightsError, FileExistsError, FileNotFoundError)
 
 

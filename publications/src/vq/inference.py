@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vq.checkpoint import load_trained_model
+from vq.checkpoint import load_trained_model, read_checkpoint
 from vq.config import AMP_MODES, Config, ConfigError, load_config
-from vq.dataloader.preprocess import normalize
+from vq.dataloader.preprocess import prepare
 from vq.runtime import amp_dtype, autocast, resolve_device
-from vq.sequences import seq_index
+from vq.sequences import SEQUENCES, seq_index
 
 
 class Translator:
@@ -35,8 +35,11 @@ class Translator:
     """
 
     def __init__(self, model: nn.Module, device: torch.device | str, amp: torch.dtype | None, batch_size: int,
-                 compile: bool = False):
+                 compile: bool = False, intensity_reference: dict[str, list[float]] | None = None):
         self.model, self.device, self.amp, self.batch_size = model.eval(), torch.device(device), amp, batch_size
+        self.intensity_reference = intensity_reference or {}
+        """Sequence name -> the brain's robust range in the training data (the checkpoint's; see
+        `vq.dataloader.preprocess.prepare`)."""
         self.compiled = compile
         self._encode, self._decode = model.encode, model.decode
         if compile:
@@ -102,12 +105,13 @@ def load_translator(config: str | Path | Config, checkpoint: str | Path, *, devi
     """
     cfg = config if isinstance(config, Config) else load_config(config)
     device = resolve_device(str(device))
-    model = load_trained_model(cfg, str(checkpoint), device)
+    state = read_checkpoint(checkpoint)
+    model = load_trained_model(cfg, str(checkpoint), device, state)
     precision = cfg.test.amp if precision is None else precision
     if precision not in AMP_MODES:
         raise ConfigError(f"precision {precision!r}: use one of {', '.join(AMP_MODES)} (none = fp32)")
     return Translator(model, device, amp_dtype(device, precision), batch_size or cfg.test.batch_size,
-                      cfg.test.compile if compile is None else compile)
+                      cfg.test.compile if compile is None else compile, state.get("intensity_reference"))
 
 
 def to_slices(volume: np.ndarray, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -143,15 +147,18 @@ def synthesize(translator: Translator, volumes: dict, targets, percentile: float
     """Missing sequences of one subject from its available ones, all on one grid (sources on
     different grids: `vq.grid` brings them onto one, as tools/synthesize.py does).
 
-    volumes: {sequence name or index: (X, Y, Z) array} (raw intensities, or already in [-1, 1]
-    with `normalized`); targets: sequence names or indices. Each source is encoded slice by
+    volumes: {sequence name or index: (X, Y, Z) array} (raw or z-scored intensities, see
+    `vq.dataloader.preprocess.prepare`; or already in [-1, 1] with `normalized`); targets: sequence
+    names or indices. Each source is encoded slice by
     slice; the mean of their latents (the fused latent) is decoded to each target.
     -> {target as given (name or index): (X, Y, Z) float32 in [-1, 1]}.
     """
     multiple = 2 ** translator.model.cfg.n_down
     latents, size = [], None
-    for volume in volumes.values():
-        data = volume if normalized else normalize(volume, percentile)
+    for seq, volume in volumes.items():
+        name = SEQUENCES[seq_index(seq)]
+        data = volume if normalized else prepare(volume, percentile, reference=translator.intensity_reference.get(name),
+                                                 name=name)
         stack, size = to_slices(data, multiple)
         latents.append(translator.encode(stack))  # (Z, D, X'/4, Y'/4)
     fused = fuse(latents)

@@ -15,9 +15,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from vq.config import Config, DataConfig
 from vq.dataloader.brats import SliceCache, available_cpus
-from vq.dataloader.preprocess import center_crop_2d, central_slices, pad_or_crop
+from vq.dataloader.preprocess import brain_range, center_crop_2d, central_slices, pad_or_crop
 from vq.dataloader.sampler import EpochSampler
-from vq.sequences import N_SEQ, train_pair
+from vq.sequences import N_SEQ, SEQUENCES, train_pair
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,18 @@ def make_train_loader(cfg: Config, cache: SliceCache, subjects: list[tuple[str, 
     return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
                       generator=torch.Generator().manual_seed(seed),
                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, drop_last=True)
+
+
+def intensity_reference(cache: SliceCache, subjects: list[tuple[str, int]], missing_setting: bool) -> dict[str, list[float]]:
+    """The brain's robust range (`preprocess.brain_range`) of each sequence, the mean over the training
+    volumes in the cache: the model's intensity convention, saved with its checkpoints so that synthesis
+    can map z-scored inputs onto it (`preprocess.prepare`)."""
+    ranges: dict[int, list[tuple[float, float]]] = {}
+    for name, code in subjects:
+        for seq in train_sequences(code, missing_setting):
+            ranges.setdefault(seq, []).append(brain_range(cache.volume(name, seq)))
+    return {SEQUENCES[seq]: [float(np.nanmean([r[i] for r in found])) for i in (0, 1)]
+            for seq, found in sorted(ranges.items())}
 
 
 def load_eval_stack(cache: SliceCache, name: str, seq: str | int, n: int | None = None) -> torch.Tensor:

@@ -8,6 +8,7 @@ synthesis tool applies the same steps to a user's own scans.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +69,60 @@ def normalize(volume: np.ndarray, percentile: float = 99.0) -> np.ndarray:
     volume = np.asarray(volume, dtype=np.float32)
     top = clip_value(volume, percentile)
     return (np.clip(volume, 0.0, top) * np.float32(2.0 / top) - 1.0).astype(np.float32, copy=False)
+
+
+BRAIN_RANGE = (1.0, 99.0)
+"""The brain's robust intensity range (percentiles of its voxels) on which inputs with negative values
+(z-scored volumes) are matched to the model's convention."""
+DEFAULT_BRAIN_REFERENCE = (-0.6, 0.0)
+"""The brain's robust range in [-1, 1] assumed for a checkpoint saved without its training data's
+(`intensity_reference`): about where the raw normalisation puts it."""
+
+
+class IntensityError(ValueError):
+    """A volume whose intensities cannot be brought onto the model's convention, named in the message."""
+
+
+def brain_range(normalized: np.ndarray) -> tuple[float, float]:
+    """The BRAIN_RANGE percentiles of the brain (voxels above the background -1) of a volume in [-1, 1]."""
+    brain = np.asarray(normalized, np.float32)
+    brain = brain[brain > -1]
+    if brain.size == 0:
+        return math.nan, math.nan
+    lo, hi = np.percentile(brain, BRAIN_RANGE)
+    return float(lo), float(hi)
+
+
+def prepare(volume: np.ndarray, percentile: float = 99.0, brain: np.ndarray | None = None,
+            reference: tuple[float, float] | None = None, name: str = "volume") -> np.ndarray:
+    """A raw volume -> the model's intensities in [-1, 1], background -1.
+
+    Non-negative volumes (scanner intensities): `normalize`. A volume with negative values inside
+    the brain (a z-scored volume, brain mean 0 and std 1; or negated) has lost its zero level, which the
+    clip at 0 would turn the darker half of the brain into background with: instead the brain's robust
+    range (BRAIN_RANGE percentiles) is mapped linearly onto `reference`, the same range of the model's
+    training data (`intensity_reference` in its checkpoint), and everything outside the brain is background.
+    brain: a boolean mask; default the nonzero voxels. Raises IntensityError where that cannot work.
+    """
+    volume = np.asarray(volume, dtype=np.float32)
+    brain = volume != 0 if brain is None else np.asarray(brain, bool)
+    if not brain.any():
+        raise IntensityError(f"{name}: no nonzero voxels in the brain; nothing to translate")
+    values = volume[brain]
+    lo, hi = (float(v) for v in np.percentile(values, BRAIN_RANGE))
+    if lo >= 0:  # scanner intensities (at most a trace of negative ringing, clipped to 0)
+        return normalize(volume, percentile)
+    if brain.all():
+        raise IntensityError(f"{name}: the brain has negative intensities and no voxel is background (0), so "
+                             "brain and background cannot be told apart; pass a brain mask")
+    if hi - lo <= 1e-6 * max(abs(lo), abs(hi)):
+        raise IntensityError(f"{name}: the brain's intensities are constant ({lo:.4g}); nothing to translate")
+    ref_lo, ref_hi = reference or DEFAULT_BRAIN_REFERENCE
+    out = np.full(volume.shape, -1.0, np.float32)
+    out[brain] = np.clip(ref_lo + (values - lo) * np.float32((ref_hi - ref_lo) / (hi - lo)), -1.0, 1.0)
+    log.info("%s: negative intensities inside the brain (z-scored?): its %g-%g%% range [%.3g, %.3g] is mapped onto "
+             "the model's [%.2f, %.2f], background set to -1", name, *BRAIN_RANGE, lo, hi, ref_lo, ref_hi)
+    return out
 
 
 def central_slices(n_total: int, n: int) -> slice:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from vq.cli import add_model_args, load_translator, run_main
 from vq.config import load_config
-from vq.dataloader.preprocess import clip_value, normalize
+from vq.dataloader.preprocess import clip_value, prepare
 from vq.grid import coverage, grid_of, register_rigid, resample, working_grid
 from vq.inference import from_slices, fuse, to_slices
 from vq.nifti import NiftiError, load_volume, save_like, to_intensity
@@ -121,7 +121,7 @@ def on_working_grid(sources: dict, world: dict, mask_path: Path | None):
         data[s] = resample(vol.data, grid_of(vol), work, world[s])
         seen[s] = coverage(grid_of(vol), work, world[s])
         if brain is None:  # the first source's non-zero voxels
-            brain = data[s] > 0
+            brain = data[s] != 0
         if not (seen[s] & brain).any():
             raise NiftiError(f"{vol.path}: no overlap with {first.path} in scanner coordinates; pass --register "
                              "if the scans are from different scanner visits, or check the file's affine")
@@ -148,8 +148,11 @@ def run(args) -> None:
     multiple = 2 ** cfg.model.n_down
     latents, weights, clip = {}, {}, {}
     for s, volume in data.items():
-        clip[s] = clip_value(volume, cfg.data.percentile)
-        stack, size = to_slices(normalize(volume, cfg.data.percentile), multiple)
+        if args.scale == "source":
+            clip[s] = clip_value(volume, cfg.data.percentile)
+        model_input = prepare(volume, cfg.data.percentile, brain=mask, name=sources[s].path.name,
+                              reference=translator.intensity_reference.get(SEQUENCES[s]))
+        stack, size = to_slices(model_input, multiple)
         latents[s] = translator.encode(stack)  # (Z, D, X'/4, Y'/4)
         seen_stack, _ = to_slices(seen[s] * 2.0 - 1, multiple)  # (Z, 1, X', Y'), padding -1: not seen
         weights[s] = F.avg_pool2d((seen_stack + 1) / 2, multiple)  # (Z, 1, X'/4, Y'/4) share imaged

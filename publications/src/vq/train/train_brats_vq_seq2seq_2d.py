@@ -28,7 +28,7 @@ from vq.cli import add_set_arg, run_main
 from vq.config import get_key, load_config, missing_keys, resolve_path, save_config
 from vq.dataloader.brats import BratsDataError, SliceCache
 from vq.dataloader.check import check_lists
-from vq.dataloader.datasets import load_eval_stack, make_train_loader
+from vq.dataloader.datasets import intensity_reference, load_eval_stack, make_train_loader
 from vq.dataloader.lists import read_list
 from vq.distributed import Dist, cleanup, init_distributed, replicas_in_sync, sum_across
 from vq.files import write_atomic
@@ -136,6 +136,7 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device, data) 
     # --- data: checked and cached by check_data ---
     cache, train_rows, valid_rows = data
     loader = make_train_loader(cfg, cache, train_rows, seed=cfg.seed, distributed=ddp.enabled)
+    reference = intensity_reference(cache, train_rows, cfg.data.missing)  # saved with every checkpoint
     valid_seqs = {name: available(code) for name, code in valid_rows}
     if all(len(seqs) < 2 for seqs in valid_seqs.values()):
         log.warning("no valid subject has two available sequences; validating on all four sequences instead")
@@ -191,7 +192,7 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device, data) 
             weights = {"model": eval_model.state_dict()}
             if ema:
                 weights.update(train_model=model.state_dict(), ema_updates=ema.updates)
-            save_checkpoint({**weights, "optimizer": optimizer.state_dict(), "epoch": epoch,
+            save_checkpoint({**weights, "intensity_reference": reference, "optimizer": optimizer.state_dict(), "epoch": epoch,
                              "step": step, "in_epoch": in_epoch, "steps_per_epoch": steps_per_epoch,
                              "best_psnr": best, "rng": rng_state(), "finished": finished,
                              "config": cfg.to_dict()}, run_dir / name)
