@@ -20,7 +20,7 @@ PAPER_CONFIGS = ["seq2seq_brats_2d_missing_3", "vq_brats_2d_missing_3_256", "vqc
 @pytest.mark.parametrize("name", PAPER_CONFIGS)
 def test_the_paper_configs_leave_every_option_off(name):
     t = load_config(CONFIGS / f"{name}.yaml").train
-    assert (t.ema_decay, t.warmup_steps, t.quantizer_warmup) == (0.0, 0, 0)
+    assert (t.ema_decay, t.warmup_steps, t.quantizer_warmup, t.code_lr_scale) == (0.0, 0, 0, 1.0)
 
 
 def tiny_model():
@@ -97,3 +97,28 @@ def test_quantizer_warmup_steps_have_no_vq_loss_and_no_best_checkpoint(phantom_d
     assert vq[:4] == [0.0] * 4 and all(v > 0 for v in vq[4:]), vq
     state = torch.load(run / "ckpt_best.pth", weights_only=True)
     assert state["step"] == 6 and bool(state["model"]["quantizer.initialised"])  # epoch 1's model bypassed
+
+
+def test_code_lr_scale_speeds_up_only_the_code_path():
+    """train.code_lr_scale: one AdamW step moves the decoder's code embedding and mixing Linears by the
+    scaled lr and everything else by the plain one; with 1 the optimizer is the paper's single group."""
+    from vq.training import is_code_path, make_optimizer, set_lr
+
+    model = tiny_model()
+    cfg = load_config(None, ["train.code_lr_scale=10", "train.weight_decay=0"])
+    optimizer = make_optimizer(model, cfg)
+    set_lr(optimizer, 1e-3)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3, 1e-2])
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # Adam's first step moves every weight by its lr (a constant gradient)
+    names = [k for k in before]
+    code = [k for k in names if is_code_path(k)]
+    assert "decoder.embed.0.weight" in code and "decoder.out.mix_bias.weight" in code
+    assert not any(k.startswith("encoder.") for k in code)
+    for k, p in model.named_parameters():
+        moved = (before[k] - p.detach()).abs().max().item()
+        assert moved == pytest.approx(1e-2 if k in code else 1e-3, rel=1e-3), k
+    single = make_optimizer(model, load_config(None))
+    assert len(single.param_groups) == 1 and single.param_groups[0]["params"] == list(model.parameters())

@@ -125,6 +125,10 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 0
     """Linear learning-rate warm-up over the first steps, times the poly schedule (0 = none, the paper)."""
+    code_lr_scale: float = 1.0
+    """The lr of the target code's path into the decoder (its embedding and the hyper-convs' mixing
+    Linears) times this (1 = one lr for all, the paper). The mixers start small under the reference
+    init and move slowly, so the decoder first learns the mean of the four targets."""
     ema_decay: float = 0.0
     """Exponential moving average of the weights (decay per step, e.g. 0.99): validation, sample grids
     and the checkpoints' inference weights use the average (0 = off, the paper). nnSeq2Seq keeps one."""
@@ -338,6 +342,7 @@ def _validate(cfg: Config) -> None:
         (cfg.data.train_crop is None or (cfg.data.train_crop > 0 and cfg.data.train_crop % (2 ** cfg.model.n_down) == 0),
          "data.train_crop must be positive and divisible by 2**model.n_down (or null)"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.code_lr_scale > 0, "train.code_lr_scale must be > 0 (1 = one lr for all)"),
         (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0 (0 = no warm-up)"),
         (0 <= cfg.train.ema_decay < 1, "train.ema_decay must be in [0, 1) (0 = no weight average)"),
         (cfg.train.quantizer_warmup >= 0, "train.quantizer_warmup must be >= 0 (0 = quantized from the start)"),

@@ -88,17 +88,32 @@ def make_optimizer(model: nn.Module, cfg: Config, capturable: bool = False) -> t
     """AdamW of the config. `capturable`: the step count and lr live on the device (CUDA), so that an
     update can be undone on the device (`train_step`) and captured in a CUDA graph."""
     t = cfg.train
-    lr = torch.tensor(t.lr, device=next(model.parameters()).device) if capturable else t.lr
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
-                             capturable=capturable)
+    device = next(model.parameters()).device
+    groups = [{"params": list(model.parameters()), "lr_scale": 1.0}]  # one group: the paper's
+    if t.code_lr_scale != 1.0:
+        named = list(model.named_parameters())
+        groups = [{"params": [p for name, p in named if not is_code_path(name)], "lr_scale": 1.0},
+                  {"params": [p for name, p in named if is_code_path(name)], "lr_scale": t.code_lr_scale}]
+    for group in groups:
+        lr = t.lr * group["lr_scale"]
+        group["lr"] = torch.tensor(lr, device=device) if capturable else lr
+    return torch.optim.AdamW(groups, betas=tuple(t.betas), weight_decay=t.weight_decay, capturable=capturable)
+
+
+def is_code_path(name: str) -> bool:
+    """The parameters through which the target code reaches the decoder: its embedding and each
+    hyper-conv's mixing Linears (train.code_lr_scale)."""
+    return name.startswith("decoder.embed.") or ".mix." in name or ".mix_bias." in name
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The scheduled lr on every parameter group, times the group's `lr_scale`."""
     for group in optimizer.param_groups:
+        value = lr * group.get("lr_scale", 1.0)
         if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)  # in place: a captured step reads this tensor
+            group["lr"].fill_(value)  # in place: a captured step reads this tensor
         else:
-            group["lr"] = lr
+            group["lr"] = value
 
 
 def load_optimizer_state(optimizer: torch.optim.AdamW, state: dict) -> None:
