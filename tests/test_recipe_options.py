@@ -122,3 +122,19 @@ def test_code_lr_scale_speeds_up_only_the_code_path():
         assert moved == pytest.approx(1e-2 if k in code else 1e-3, rel=1e-3), k
     single = make_optimizer(model, load_config(None))
     assert len(single.param_groups) == 1 and single.param_groups[0]["params"] == list(model.parameters())
+
+
+def test_latent_gap_is_zero_for_one_image_and_positive_for_two_contrasts():
+    """vq.training.latent_gap, logged at validation as val_latent_gap: the same image under two sequence
+    names gives one latent (0); a second contrast of the same anatomy (inverted) does not, for an untrained model."""
+    from vq.training import latent_gap
+
+    model = tiny_model().eval()
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    slices = torch.stack([torch.sin(3 * xx + k) * torch.cos(2 * yy - k) for k in range(4)])[:, None]  # (4,1,32,32)
+    head = torch.where(xx**2 + yy**2 < 0.8, 0.5 * slices, torch.tensor(-1.0))
+    inverted = torch.where(head > -1, -head, head)
+    same, n = latent_gap(model, {"s": {0: head, 1: head.clone()}}, torch.device("cpu"), batch_size=2)
+    assert n == 1 and same == 0.0
+    gap, _ = latent_gap(model, {"s": {0: head, 2: inverted}}, torch.device("cpu"), batch_size=2)
+    assert gap > 0.1

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -421,6 +422,36 @@ def translate(model: nn.Module, stack: torch.Tensor, target: int, batch_size: in
         with autocast(chunk.device, amp):
             out.append(model(chunk, target).float())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def latent_gap(model: nn.Module, stacks: dict[str, dict[int, torch.Tensor]], device: torch.device,
+               batch_size: int) -> tuple[float, int]:
+    """How common the latent is: for each pair of sequences of a subject, the mean squared distance
+    between their latents of the same slice, over the same distance to the other sequence's latent of
+    another slice (the slices rolled by half the stack), inside the brain; -> (sum over pairs, count).
+    0: both sequences give one latent; about 1: no closer than a different slice's.
+    """
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for seqs in stacks.values():
+        latents = {s: torch.cat([model.encode(stack[i:i + batch_size].to(device)).latent.float()
+                                 for i in range(0, len(stack), batch_size)]) for s, stack in seqs.items()}
+        names = sorted(latents)
+        for a_pos, a in enumerate(names):
+            for b in names[a_pos + 1:]:
+                za, zb = latents[a], latents[b]  # (S, D, h, w)
+                size = za.shape[-2:]
+                brain = F.interpolate((seqs[a] > -1).float(), size=size, mode="area")[:, 0].to(device) > 0.5
+                other = zb.roll(len(zb) // 2, dims=0)
+                same = ((za - zb) ** 2).sum(1)[brain].mean()
+                different = ((za - other) ** 2).sum(1)[brain].mean()
+                if brain.any() and different > 0:
+                    total += float(same / different)
+                    count += 1
+    model.train(was_training)
+    return total, count
 
 
 @torch.no_grad()

@@ -36,14 +36,14 @@ from vq.losses import PerceptualLoss
 from vq.models import build_model
 from vq.runtime import amp_dtype, cpu_name, resolve_device, rng_state, seed_everything, set_rng_state
 from vq.sequences import N_SEQ, available
-from vq.training import (Phase, WeightAverage, build_training, load_optimizer_state, poly_lr, read_stats, set_lr,
+from vq.training import (Phase, WeightAverage, build_training, latent_gap, load_optimizer_state, poly_lr, read_stats, set_lr,
                          train_step, translate, validate, warmup_factor)
 from vq.viz import plot_progress, sample_grid, save_png
 from vq.weights import MissingWeightsError
 
 log = logging.getLogger("train")
 LOG_COLUMNS = ["step", "epoch", "lr", "loss", "l1", "ssim", "per", "vq", "con", "perplexity", "usage",
-               "slices_per_s", "val_psnr", "val_psnr_brain", "skipped", "elapsed_s"]
+               "slices_per_s", "val_psnr", "val_psnr_brain", "val_latent_gap", "skipped", "elapsed_s"]
 
 
 def parse_args(argv=None):
@@ -299,10 +299,13 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device, data) 
                 total, brain, count = sum_across(ddp, *validate(eval_model, my_valid, device, cfg.test.batch_size,
                                                                 eval_amp, identity=cfg.train.val_identity))
                 psnr, psnr_brain = total / max(count, 1), brain / max(count, 1)
-                record({"step": step, "epoch": epoch, "lr": lr, "val_psnr": psnr, "val_psnr_brain": psnr_brain},
-                       {"valid/psnr": psnr, "valid/psnr_brain": psnr_brain})
-                log.info("epoch %d step %d: valid PSNR %.2f dB (brain %.2f dB) over %d pairs", epoch, step, psnr,
-                         psnr_brain, count)
+                gap_sum, gap_count = sum_across(ddp, *latent_gap(eval_model, my_valid, device, cfg.test.batch_size))
+                gap = gap_sum / gap_count if gap_count else float("nan")
+                record({"step": step, "epoch": epoch, "lr": lr, "val_psnr": psnr, "val_psnr_brain": psnr_brain,
+                        "val_latent_gap": gap},
+                       {"valid/psnr": psnr, "valid/psnr_brain": psnr_brain, "valid/latent_gap": gap})
+                log.info("epoch %d step %d: valid PSNR %.2f dB (brain %.2f dB) over %d pairs; latent gap %.3f", epoch,
+                         step, psnr, psnr_brain, count, gap)
                 if psnr > best and not model.bypass_quantizer:  # a bypassing model is not the method
                     best = psnr
                     checkpoint("ckpt_best.pth")
