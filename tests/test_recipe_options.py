@@ -138,3 +138,8 @@ def test_latent_gap_is_zero_for_one_image_and_positive_for_two_contrasts():
     assert n == 1 and same == 0.0
     gap, _ = latent_gap(model, {"s": {0: head, 2: inverted}}, torch.device("cpu"), batch_size=2)
     assert gap > 0.1
+
+
+def test_the_code_defaults_are_the_paper_config():
+    """One source of truth: the paper YAML shows the defaults of vq/config.py, and loads to exactly them."""
+    assert load_config(None) == load_config(CONFIGS / "vqseq2seq_brats_2d_missing_3_256.yaml")

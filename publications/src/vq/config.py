@@ -1,8 +1,9 @@
 """Experiment configuration: YAML -> typed dataclasses, `--set` overrides, validation.
 
-A YAML file fully determines a run (defaults live here, once). Unknown or
-mistyped keys are errors that name the key and list the valid ones. The config
-that ran is saved into the run folder by the training script.
+A YAML file fully determines a run. Defaults live here, once, and they are the paper's
+config (tests/test_recipe_options.py pins that vqseq2seq_brats_2d_missing_3_256.yaml loads to
+exactly them). Unknown or mistyped keys are errors that name the key and list the valid ones.
+The config that ran is saved into the run folder by the training script.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    root: str = "data/phantom"
+    root: str = "data/BraTS2021"
     """BraTS-layout folder: <root>/<ID>/<ID>_{t1,t1ce,t2,flair,seg}.nii.gz."""
     naming: str = "brats2021"
     """File names in each subject folder: `brats2021` (<ID>_t1.nii.gz ...) or `brasyn` (BraTS-GLI 2023:
@@ -116,7 +117,8 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 1000
-    max_steps: int = 1_000_000
+    max_steps: int = 1_000_001
+    """The reference counts a step, then stops once the count exceeds 1e6: 1,000,001 steps."""
     batch_size: int = 1
     lr: float = 1e-4
     min_lr: float = 1e-6
@@ -188,7 +190,7 @@ class TrainConfig:
     val_at_end: bool = True
     """Also validate (and maybe keep as ckpt_best) the model where max_steps ends a run mid-epoch;
     the reference returns there without validating (false)."""
-    log_every: int = 10
+    log_every: int = 50
     """Steps between log.csv / TensorBoard rows; the statistics are read from the device only then."""
     dist_timeout_s: int = 1800
     """Under torchrun: how long a collective waits for the other processes (seconds)."""
@@ -219,7 +221,7 @@ class TestConfig:
 
 @dataclass
 class Config:
-    name: str = "vqseq2seq"
+    name: str = "vqseq2seq_brats_2d_missing_3_256"
     out_dir: str = "outputs/ckpt/vqseq2seq/brats/2d"
     """The run folder: config copy, logs, images, checkpoints."""
     seed: int = 0
