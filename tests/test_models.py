@@ -173,12 +173,12 @@ def test_idle_codes_restart_onto_encoder_outputs_only_when_asked():
 
 def phantom_slice(size: int = 192) -> torch.Tensor:
     """The centre axial slice of a phantom T1 in [-1, 1], centre-cropped: (1, 1, size, size)."""
-    from vq.dataloader.preprocess import center_crop_2d, normalize
+    from vq.dataloader.preprocess import normalize, pad_or_crop
     from vq.tools.make_phantom_brats import make_subject
 
     volume = make_subject(0, seed=0)["t1"]
     image = normalize(volume)[:, :, volume.shape[2] // 2]
-    return torch.from_numpy(center_crop_2d(image[None], size))[:, None]
+    return torch.from_numpy(pad_or_crop(image[None], size))[:, None]
 
 
 @pytest.mark.parametrize("init, ze_rms, out_std", [("reference", (2.5, 5.0), (0.0, 0.05)),

@@ -42,11 +42,6 @@ def init_distributed(device: torch.device, timeout_s: float = 1800) -> tuple[Dis
     return Dist(rank, world, local), device
 
 
-def barrier(d: Dist) -> None:
-    if d.enabled:
-        dist.barrier()
-
-
 def sum_across(d: Dist, *values: float) -> list[float]:
     """Sum plain numbers over all ranks (validation metrics)."""
     if not d.enabled:
@@ -54,15 +49,6 @@ def sum_across(d: Dist, *values: float) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t)
     return t.tolist()
-
-
-def all_true(d: Dist, flag: torch.Tensor) -> bool:
-    """A 0-d bool tensor that must hold on every rank -> whether it does (one host sync)."""
-    if not d.enabled:
-        return bool(flag)
-    value = flag.to(torch.int32).reshape(1)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value)
 
 
 def replicas_in_sync(d: Dist, model: torch.nn.Module) -> bool:

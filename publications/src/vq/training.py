@@ -212,7 +212,7 @@ class Recipe(nn.Module):
                 per = (w * self.perceptual.per_sample(out, feats, index)).sum() / batch
             parts["per"] = per
             loss = loss + cfg.lambda_per * per
-        if enc.loss_vq is not None and enc.indices is not None:
+        if enc.indices is not None:  # a quantizer (with train.quantizer_warmup: 0 while it is bypassed)
             parts["vq"] = 2 * enc.loss_vq.float()  # both encodings; the quantizer averages over 2B
             loss = loss + cfg.lambda_vq * parts["vq"]
         if cfg.consistency:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vq.config import Config, DataConfig
 from vq.dataloader.brats import SliceCache, available_cpus
-from vq.dataloader.preprocess import brain_range, center_crop_2d, central_slices, pad_or_crop
+from vq.dataloader.preprocess import brain_range, central_slices, pad_or_crop
 from vq.dataloader.sampler import EpochSampler
 from vq.sequences import N_SEQ, SEQUENCES, train_pair
 
@@ -132,4 +132,4 @@ def load_eval_stack(cache: SliceCache, name: str, seq: str | int, n: int | None 
     """
     volume = cache.volume(name, seq)  # (n_slices, X, Y) float16
     picked = np.asarray(volume[central_slices(volume.shape[0], n or volume.shape[0])], dtype=np.float32)
-    return torch.from_numpy(center_crop_2d(picked, cache.prep.crop))[:, None]
+    return torch.from_numpy(pad_or_crop(picked, cache.prep.crop))[:, None]  # centre crop

@@ -158,8 +158,3 @@ def pad_or_crop(image: np.ndarray, size: int | tuple[int, int], start: tuple[int
     out = np.full(image.shape[:-2] + (h, w), fill, dtype=image.dtype)
     out[..., dst_h, dst_w] = image[..., src_h, src_w]
     return out
-
-
-def center_crop_2d(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Centre crop (or -1 pad) the last two axes; the valid/test crop of docs/method.md."""
-    return pad_or_crop(image, size)
