@@ -340,3 +340,21 @@ def test_blurred_and_constant_predictions_score_worse_inside_the_brain():
         scores, _ = contrast_scores(pred, target, labels, classes, reference)
         assert scores["contrast_error"] > truth["contrast_error"] + least_error
     assert contrast_scores(constant, target, labels, classes, reference)[0]["tissue_order"] == 0.0
+
+
+def test_the_reference_contrastive_term_has_finite_gradients_at_a_zero_latent_vector():
+    """A quantized latent can be exactly 0 at a position (a code at the origin); dividing by its norm as
+    the reference does gives 0/0 and NaN weights after one step (seen with the demo's contrastive term
+    from the first step). The floor on the norm changes no other value."""
+    from vq.losses import contrast_reference
+
+    torch.manual_seed(0)
+    lat_i, lat_j = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    mask = torch.ones(2, 1, 8, 8, dtype=torch.bool)
+    reference = contrast_reference(lat_i, lat_j, mask)
+    lat_i[0, :, 2, 3] = 0.0
+    lat_i.requires_grad_(True)
+    loss = contrast_reference(lat_i, lat_j, mask)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(lat_i.grad).all()
+    assert torch.isfinite(reference)

@@ -220,8 +220,9 @@ def contrast_reference(lat_i: Tensor, lat_j: Tensor, mask: Tensor, temperature: 
     is divided by the batch size twice.
     """
     batch = lat_i.shape[0]
-    vec_i = (lat_i / lat_i.norm(dim=1, keepdim=True)).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
-    vec_j = (lat_j / lat_j.norm(dim=1, keepdim=True)).flatten(2).transpose(1, 2)
+    # (the reference divides by the norm as it is: the floor only changes a zero vector, 0/0 = NaN there)
+    vec_i = (lat_i / lat_i.norm(dim=1, keepdim=True).clamp_min(1e-12)).flatten(2).transpose(1, 2)  # -> (B, N, D)
+    vec_j = (lat_j / lat_j.norm(dim=1, keepdim=True).clamp_min(1e-12)).flatten(2).transpose(1, 2)
     n_keep = int(vec_i.shape[1] * keep)
     with torch.no_grad():  # the ranking only selects positions
         masked = vec_i * mask.flatten(2).transpose(1, 2)  # (B, N, D), background rows 0
