@@ -70,17 +70,20 @@ class WeightAverage:
     def __init__(self, model: nn.Module, decay: float):
         self.decay, self.updates = decay, 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        own, new = dict(self.model.named_parameters()), dict(model.named_parameters())
+        averaged = [k for k in own if not k.startswith("quantizer.")]
+        # the pairs once: an optimizer updates the weights in place, so they stay the same tensors
+        self._averaged = ([own[k] for k in averaged], [new[k] for k in averaged])
+        self._copied = [(own[k], new[k]) for k in own if k not in averaged]
+        self._copied += list(zip(self.model.buffers(), model.buffers()))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """One step of the average towards `model`, the model it was made from."""
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        own, new = dict(self.model.named_parameters()), dict(model.named_parameters())
-        averaged = [k for k in own if not k.startswith("quantizer.")]
-        torch._foreach_lerp_([own[k] for k in averaged], [new[k] for k in averaged], 1 - decay)
-        for key in own.keys() - set(averaged):
-            own[key].copy_(new[key])
-        for mine, theirs in zip(self.model.buffers(), model.buffers()):
+        torch._foreach_lerp_(*self._averaged, 1 - decay)
+        for mine, theirs in self._copied:
             mine.copy_(theirs)
         self.model.bypass_quantizer = getattr(model, "bypass_quantizer", False)
 
