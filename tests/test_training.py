@@ -386,3 +386,33 @@ def test_the_step_equals_the_grouped_decoder_it_replaced(group_by_code):
     assert stats["vq"].item() == pytest.approx(6.894572734832764, rel=1e-6)
     assert grad.norm().item() == pytest.approx(6683.466796875, rel=1e-5)
     assert grad.abs().sum().item() == pytest.approx(343199.375, rel=1e-5)
+
+
+def test_kept_snapshots_make_the_quality_curve(phantom_dir, tmp_path):
+    """train.keep_every_epochs keeps the weights at those epochs' ends (the last is the final model);
+    tools/demo_curve.py --snapshots makes a row of each at its step and minute, evaluated where not yet."""
+    from vq.evaluation import SUMMARY_COLUMNS, write_summary
+    from vq.tools.demo_curve import main as curve_main
+
+    overrides = tiny_overrides(phantom_dir, tmp_path) + ["train.epochs=3", "train.keep_every_epochs=2",
+                                                         "train.val_every=3"]
+    assert train_main(["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set", *overrides]) == 0
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("ckpt_epoch_*.pth")) == ["ckpt_epoch_0002.pth"]
+    kept, last = torch.load(run / "ckpt_epoch_0002.pth"), torch.load(run / "ckpt_last.pth")
+    assert kept["epoch"] == 2 and 0 < kept["step"] < last["step"] and kept["model"].keys() == last["model"].keys()
+    assert any(not torch.equal(kept["model"][k], last["model"][k]) for k in kept["model"])
+
+    for name, psnr_brain in (("epoch_0002", 19.0), ("epoch_0004", 23.0)):
+        rows = [{**{key: float("nan") for key in SUMMARY_COLUMNS}, "method": method, "steps": "single", "src": "t1",
+                 "tgt": "t2", "n": 1, "psnr_brain": value, "psnr": value, "ssim_brain": 0.5, "contrast_error": 0.1,
+                 "tissue_order": 1.0} for method, value in (("model", psnr_brain), ("copy_source", 20.0))]
+        write_summary(rows, run / f"results_{name}" / "summary.csv", run / f"results_{name}" / "summary.md")
+    torch.save({**last, "step": last["step"] + 1}, run / "ckpt_epoch_0004.pth")  # evaluated: nothing runs
+    assert curve_main([str(run), "--snapshots", "-o", str(tmp_path / "curve")]) == 0
+    with open(tmp_path / "curve" / "demo_curve.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    elapsed = {int(r["step"]): float(r["elapsed_s"]) for r in csv.DictReader(open(run / "log.csv"))}
+    assert [(r["run"], int(r["steps"]), float(r["minutes"]), r["meets_goal"]) for r in rows] == [
+        ("epoch_0002", kept["step"], pytest.approx(elapsed[kept["step"]] / 60), "0"),
+        ("epoch_0004", last["step"] + 1, pytest.approx(max(elapsed.values()) / 60), "1")]

@@ -196,6 +196,9 @@ class TrainConfig:
     """Under torchrun: how long a collective waits for the other processes (seconds)."""
     ckpt_every_steps: int = 0
     """Also save ckpt_last.pth every this many steps (0 = once per epoch)."""
+    keep_every_epochs: int = 0
+    """Also keep the weights every this many epochs as ckpt_epoch_NNNN.pth, for a quality-against-steps
+    curve (tools/demo_curve.py --snapshots); 0 = none."""
 
 
 @dataclass

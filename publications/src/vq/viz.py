@@ -48,10 +48,12 @@ def plot_progress(log_csv: str | Path, out_png: str | Path) -> None:
     plt.close(fig)
 
 
-def plot_demo_curve(rows: list[dict], curves: dict[str, list[tuple[int, float, float]]], out_png: str | Path) -> None:
+def plot_demo_curve(rows: list[dict], curves: dict[str, list[tuple[int, float, float]]], out_png: str | Path,
+                    connect: bool = False) -> None:
     """Quality against training time (`vq.report`): validation brain PSNR along each run, and per run
     the test scores (brain PSNR of model and copy, contrast error, share of tissue orders kept). The
-    x axis is wall minutes where every run logged them (`elapsed_s`), else training steps."""
+    x axis is wall minutes where every run logged them (`elapsed_s`), else training steps. `connect`: the
+    rows are snapshots of one run, joined by a line."""
     timed = all(np.isfinite(r["minutes"]) for r in rows)
     at = lambda step, minutes: minutes if timed else step  # noqa: E731
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -64,6 +66,11 @@ def plot_demo_curve(rows: list[dict], curves: dict[str, list[tuple[int, float, f
         axes[0].plot(x, row["copy_psnr_brain"], "x", color=color)
         axes[1].plot(x, row["contrast_error"], "o", color=color)
         axes[2].plot(x, row["tissue_order"], "o", color=color)
+    if connect:
+        xs = [at(r["steps"], r["minutes"]) for r in rows]
+        for ax, key in zip(axes, ("psnr_brain", "contrast_error", "tissue_order")):
+            ax.plot(xs, [r[key] for r in rows], "-", color="k", lw=1)
+        axes[0].plot(xs, [r["copy_psnr_brain"] for r in rows], ":", color="k", lw=1)
     titles = ("brain PSNR, dB (o test, x copy, line validation)", "contrast error (test)",
               "tissue order kept (test, share)")
     for ax, title in zip(axes, titles):

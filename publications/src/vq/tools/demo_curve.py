@@ -7,6 +7,11 @@ Each RUN folder is a training run (`log.csv`, `config.yaml`) whose evaluation is
 and SSIM of model and copy, contrast error, tissue order, how many single-step translations meet
 the demo's goal), OUT/demo_curve.md (the same as a table, and per translation for the last run)
 and OUT/demo_curve.png.
+
+    python publications/src/vq/tools/demo_curve.py outputs/ckpt/demo_long --snapshots -o outputs/demo_long
+
+With --snapshots, a row per kept checkpoint of one run (`train.keep_every_epochs`: RUN/ckpt_epoch_NNNN.pth),
+each evaluated into RUN/results_epoch_NNNN unless it already is (extra evaluation settings: --set).
 """
 from __future__ import annotations
 
@@ -14,10 +19,13 @@ import argparse
 import csv
 import io
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
-from vq.cli import run_main
+from vq.checkpoint import read_checkpoint
+from vq.cli import add_set_arg, run_main
+from vq.config import REPO_ROOT, ConfigError
 from vq.files import write_atomic
 from vq.report import compare_with_copy, goal_row, read_summary, training_minutes, validation_curve
 from vq.viz import plot_demo_curve
@@ -30,6 +38,10 @@ def parse_args(argv=None):
     p.add_argument("runs", nargs="+", type=Path, help="training run folders, each evaluated")
     p.add_argument("--results", default="results", help="evaluation folder inside each run (default results)")
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
+    p.add_argument("--snapshots", action="store_true",
+                   help="one run: a row per ckpt_epoch_NNNN.pth in it, evaluated where not yet")
+    p.add_argument("-d", "--device", default="cpu", help="device of the snapshot evaluations")
+    add_set_arg(p)
     return p.parse_args(argv)
 
 
@@ -38,6 +50,20 @@ def main(argv=None) -> int:
 
 
 def run(args) -> None:
+    rows, curves, last = snapshot_rows(args) if args.snapshots else run_rows(args)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(args.out / "demo_curve.csv", lambda f: f.write(text.getvalue().encode()))
+    md = demo_markdown(rows, last)
+    write_atomic(args.out / "demo_curve.md", lambda f: f.write(md.encode()))
+    plot_demo_curve(rows, curves, args.out / "demo_curve.png", connect=args.snapshots)
+    print(md)
+
+
+def run_rows(args) -> tuple[list[dict], dict, list]:
+    """A row per evaluated run folder, the validation curves, the last run's translations."""
     rows, curves = [], {}
     for run_dir in args.runs:
         summary = run_dir / args.results / "summary.csv"
@@ -47,15 +73,36 @@ def run(args) -> None:
         comparisons = compare_with_copy(read_summary(summary))
         rows.append({"run": run_dir.name, "steps": steps, "minutes": minutes, **goal_row(comparisons)})
         curves[run_dir.name] = validation_curve(run_dir / "log.csv")
-    text = io.StringIO()
-    writer = csv.DictWriter(text, list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(args.out / "demo_curve.csv", lambda f: f.write(text.getvalue().encode()))
-    md = demo_markdown(rows, comparisons)
-    write_atomic(args.out / "demo_curve.md", lambda f: f.write(md.encode()))
-    plot_demo_curve(rows, curves, args.out / "demo_curve.png")
-    print(md)
+    return rows, curves, comparisons
+
+
+def snapshot_rows(args) -> tuple[list[dict], dict, list]:
+    """Rows of one run's kept checkpoints in training order (each evaluated first if it was not), the run's
+    validation curve, the last checkpoint's translations."""
+    if len(args.runs) != 1:
+        raise ValueError("--snapshots takes one run folder")
+    run_dir = args.runs[0]
+    snapshots = sorted(run_dir.glob("ckpt_epoch_*.pth"))
+    if not snapshots:
+        raise FileNotFoundError(f"no ckpt_epoch_*.pth in {run_dir}: train with --set train.keep_every_epochs=N")
+    with open(run_dir / "log.csv", newline="") as f:
+        elapsed = {int(float(r["step"])): float(r["elapsed_s"]) for r in csv.DictReader(f) if r.get("elapsed_s")}
+    rows = []
+    for ckpt in snapshots:
+        results = run_dir / ckpt.stem.replace("ckpt_", "results_")
+        if not (results / "summary.csv").is_file():
+            log.info("evaluating %s", ckpt.name)
+            done = subprocess.run([sys.executable, str(REPO_ROOT / "publications/src/vq/test/test_brats_vq_2d_metrics.py"),
+                                   "-d", args.device, "-c", str(run_dir / "config.yaml"), "-l", str(ckpt), "-o",
+                                   str(results), "--overwrite", "--set", *args.set])
+            if done.returncode:
+                raise ConfigError(f"evaluating {ckpt} failed (its error is above)")
+        step = read_checkpoint(ckpt)["step"]
+        logged = [s for s in elapsed if s <= step]  # the last log row at or before the snapshot
+        minutes = elapsed[max(logged)] / 60 if logged else float("nan")
+        comparisons = compare_with_copy(read_summary(results / "summary.csv"))
+        rows.append({"run": ckpt.stem.replace("ckpt_", ""), "steps": step, "minutes": minutes, **goal_row(comparisons)})
+    return rows, {rows[-1]["run"]: validation_curve(run_dir / "log.csv")}, comparisons
 
 
 def demo_markdown(rows: list[dict], last: list) -> str:

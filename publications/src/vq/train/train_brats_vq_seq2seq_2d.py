@@ -314,6 +314,8 @@ def train_loop(args, cfg, run_dir: Path, ddp: Dist, device: torch.device, data) 
                     save_png(grid, run_dir / "samples" / f"epoch_{epoch:04d}.png")
                     writer.add_image("valid/samples", grid, step, dataformats="HWC")
             checkpoint("ckpt_last.pth", finished=finished)
+            if epoch_done and t.keep_every_epochs and epoch % t.keep_every_epochs == 0:
+                checkpoint(f"ckpt_epoch_{epoch:04d}.pth", finished=finished)
             if main_rank:
                 log_file.flush()
                 plot_progress(log_path, run_dir / "progress.png")
