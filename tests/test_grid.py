@@ -13,10 +13,10 @@ from scipy.spatial.transform import Rotation
 from conftest import CONFIGS
 from vq.checkpoint import save_checkpoint
 from vq.config import load_config
-from vq.grid import Grid, coverage, grid_of, register_rigid, resample, working_grid
+from vq.grid import Grid, align, coverage, grid_of, on_working_grid, register_rigid, resample, working_grid
 from vq.models import build_model
 from vq.nifti import load_volume
-from vq.tools.synthesize import align, main as synthesize_main, on_working_grid
+from vq.tools.synthesize import main as synthesize_main
 
 TINY = ["model.base_channels=4", "model.n_res=1", "model.n_kernels=2", "model.n_embed=16", "test.batch_size=8"]
 
@@ -197,7 +197,7 @@ def test_register_writes_the_transform_and_undoes_the_motion(tiny_model, scans, 
     error = {}
     for register in (False, True):
         sources = {0: load_volume(scans["t1"]), 3: load_volume(scans["flair_moved"])}
-        _, data, _, _ = on_working_grid(sources, align(sources, register, tmp_path / "again", 0), None)
+        _, data, _, _ = on_working_grid(sources, align(sources, register, seed=0)[0])
         error[register] = np.abs(data[3][brain] - truth).mean()  # the flair the model sees vs the unmoved one
     assert error[True] < 0.1 * error[False], error
 

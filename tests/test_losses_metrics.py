@@ -125,6 +125,37 @@ def test_perceptual_loss_from_a_weights_file(vgg_file):
     assert not any(isinstance(m, torch.nn.MaxPool2d) for m in loss_fn.vgg)
 
 
+def test_perceptual_per_sample_is_torchvision_vgg19s_feature_mse_per_row(vgg_file):
+    """`per_sample`, the form training uses: for each prediction, the sum over VGG19's 13 ReLU outputs
+    (features[:30], max-pools as average pools) of the feature MSE against its target row (`index`),
+    computed here on torchvision's own VGG19 with the same weights; activation checkpointing
+    (`recompute`) changes nothing."""
+    from torchvision.models import vgg19
+
+    reference = vgg19()
+    reference.load_state_dict(torch.load(vgg_file), strict=False)  # features.* only
+    layers = [torch.nn.AvgPool2d(2, 2) if isinstance(m, torch.nn.MaxPool2d) else m for m in reference.features[:30]]
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    def relu_outputs(x):  # (B, 1, H, W) in [-1, 1] -> the 13 ReLU outputs
+        x, out = ((x + 1) / 2).repeat(1, 3, 1, 1).sub(mean).div(std), []
+        for layer in layers:
+            x = layer(x)
+            if isinstance(layer, torch.nn.ReLU):
+                out.append(x.clone())
+        return out
+
+    target, preds, index = images(2, 32), images(3, 32, seed=7), torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        want = sum(((p - t[index]) ** 2).flatten(1).mean(1) for p, t in zip(relu_outputs(preds), relu_outputs(target)))
+    loss_fn = PerceptualLoss(weights_path=vgg_file)
+    for recompute in (False, True):
+        loss_fn.recompute = recompute
+        got = loss_fn.per_sample(preds, loss_fn.target_features(target), index)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert len(relu_outputs(target)) == 13 and float(want.min()) > 0
+
+
 def test_perceptual_loss_list_of_preds_is_the_sum_with_shared_target_features(vgg_file):
     loss_fn = PerceptualLoss(weights_path=vgg_file)
     target, pred_a, pred_b = images(2, 32), images(2, 32, seed=4), images(2, 32, seed=5)

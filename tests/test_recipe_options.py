@@ -125,18 +125,19 @@ def test_code_lr_scale_speeds_up_only_the_code_path():
 
 
 def test_latent_gap_is_zero_for_one_image_and_positive_for_two_contrasts():
-    """vq.training.latent_gap, logged at validation as val_latent_gap: the same image under two sequence
+    """vq.evaluation.latent_gap, logged at validation as val_latent_gap: the same image under two sequence
     names gives one latent (0); a second contrast of the same anatomy (inverted) does not, for an untrained model."""
-    from vq.training import latent_gap
+    from vq.evaluation import latent_gap
+    from vq.inference import Translator
 
-    model = tiny_model().eval()
+    model = Translator(tiny_model(), "cpu", None, batch_size=2)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
     slices = torch.stack([torch.sin(3 * xx + k) * torch.cos(2 * yy - k) for k in range(4)])[:, None]  # (4,1,32,32)
     head = torch.where(xx**2 + yy**2 < 0.8, 0.5 * slices, torch.tensor(-1.0))
     inverted = torch.where(head > -1, -head, head)
-    same, n = latent_gap(model, {"s": {0: head, 1: head.clone()}}, torch.device("cpu"), batch_size=2)
+    same, n = latent_gap(model, {"s": {0: head, 1: head.clone()}})
     assert n == 1 and same == 0.0
-    gap, _ = latent_gap(model, {"s": {0: head, 2: inverted}}, torch.device("cpu"), batch_size=2)
+    gap, _ = latent_gap(model, {"s": {0: head, 2: inverted}})
     assert gap > 0.1
 
 

@@ -20,13 +20,14 @@ from vq.config import load_config
 from vq.dataloader.brats import SliceCache
 from vq.dataloader.datasets import load_eval_stack
 from vq.dataloader.lists import read_list
+from vq.evaluation import translation_psnr
 from vq.inference import Translator
 from vq.models import build_model
 from vq.sequences import N_SEQ, SEQUENCES, train_pair
 from vq.tools.amp_check import train_then_validate
 from vq.tools.benchmark import main as benchmark_main
 from vq.tools.benchmark import parse_args as parse_benchmark_args
-from vq.training import build_training, graph_breaks, read_stats, train_step, validate
+from vq.training import build_training, graph_breaks, read_stats, train_step
 
 JSON_KEYS = {"device", "cpu", "config", "peak_tflops", "flops_per_slice", "reference_mode", "train", "infer",
              "data_wait_share"}
@@ -69,7 +70,7 @@ def test_bf16_training_agrees_with_fp32(phantom_dir, tmp_path):
                         "src_idx": torch.full((2,), i), "tgt_idx": torch.full((2,), j)})
     valid = {name: {s: load_eval_stack(cache, name, s, 8) for s in range(N_SEQ)} for name, _ in other}
     cpu = torch.device("cpu")
-    total, _, count = validate(build_model(cfg.model), valid, cpu, cfg.test.batch_size)
+    total, _, count = translation_psnr(Translator(build_model(cfg.model), cpu, None, cfg.test.batch_size), valid)
     untrained = total / count
 
     def at_epoch_0():  # the first phase of the paper's schedule (no contrastive term, sampling, domain aug)

@@ -42,7 +42,7 @@ from vq.losses import PerceptualLoss
 from vq.models import build_model
 from vq.runtime import autocast, capture_cuda_graph, cpu_name, seed_everything, to_channels_last
 from vq.sequences import TRAIN_PAIRS
-from vq.training import Phase, build_training, read_stats, resolve_sync_free, train_step
+from vq.training import Phase, build_training, read_stats, resolve_sync_free, to_device, train_step
 from vq.weights import MissingWeightsError
 
 log = logging.getLogger(__name__)
@@ -109,9 +109,8 @@ def _memory_format(cfg: Config) -> torch.memory_format:
 def training_batch(cfg: Config, device: torch.device) -> dict:
     """`synthetic_batch` as the training step gets it: train.batch_size at data.training_crop, in the
     configured memory format."""
-    batch = synthetic_batch(cfg, cfg.train.batch_size, device, crop=cfg.data.training_crop)
-    batch.update({k: batch[k].contiguous(memory_format=_memory_format(cfg)) for k in ("src", "tgt")})
-    return batch
+    return to_device(synthetic_batch(cfg, cfg.train.batch_size, device, crop=cfg.data.training_crop), device,
+                     cfg.train.channels_last)
 
 
 # ----------------------------------------------------------------------------- memory

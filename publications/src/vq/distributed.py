@@ -1,6 +1,7 @@
 """torchrun support: process group, rank-0 guards, reductions. Single-process runs pass through unchanged."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,6 +23,11 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def launch_rank() -> int:
+    """The rank torchrun gave this process (0 without torchrun), known before the process group exists."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def init_distributed(device: torch.device, timeout_s: float = 1800) -> tuple[Dist, torch.device]:
@@ -52,13 +58,17 @@ def sum_across(d: Dist, *values: float) -> list[float]:
 
 
 def replicas_in_sync(d: Dist, model: torch.nn.Module) -> bool:
-    """True when every rank holds bit-identical weights (a check DDP should always pass)."""
+    """True when every rank holds bit-identical weights (a check DDP should always pass); logged at the end
+    of a run under torchrun."""
     if not d.enabled:
         return True
     flat = torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(d.world_size)]
     dist.all_gather(gathered, flat)
-    return all(torch.equal(gathered[0], g) for g in gathered[1:])
+    in_sync = all(torch.equal(gathered[0], g) for g in gathered[1:])
+    logging.getLogger("train").log(logging.INFO if in_sync else logging.ERROR,
+                                   "model weights identical on all %d ranks: %s", d.world_size, in_sync)
+    return in_sync
 
 
 def cleanup(d: Dist) -> None:

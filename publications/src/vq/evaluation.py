@@ -5,6 +5,8 @@ step and through configured multi-step paths, plus a "copy the source"
 baseline. PSNR/SSIM use data range 2 on the whole [-1, 1] stack; `lpips` is the
 per-volume SUM of per-slice LPIPS (the reference's table numbers),
 `lpips_mean` the per-slice mean. `evaluate` runs it on a `TestRun` and writes the results.
+`validate`, `latent_gap` and `validation_grid` are the training loop's share: the same translator
+on the validation subjects' central slices.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from vq.config import Config
@@ -27,10 +30,10 @@ from vq.dataloader.preprocess import central_slices, pad_or_crop
 from vq.files import write_atomic
 from vq.inference import Translator
 from vq.labels import ContrastSpec, label_stack, load_labels, subject_labels
-from vq.metrics import LPIPSMetric, contrast_scores, lpips_volume, psnr, region_psnr, ssim3d_regions
+from vq.metrics import LPIPSMetric, brain_mask, contrast_scores, lpips_volume, psnr, region_psnr, ssim3d_regions
 from vq.nifti import ras_shape, save_like, to_intensity
 from vq.sequences import DISPLAY_NAMES, N_SEQ, SEG, SEQUENCES, available, missing, path_name, seq_index, subject_file
-from vq.viz import save_png, translation_figure
+from vq.viz import sample_grid, save_png, translation_figure
 
 METRIC_COLUMNS = ["name", "src", "tgt", "psnr", "ssim", "lpips", "steps", "lpips_mean",
                   "psnr_brain", "ssim_brain", "contrast_error", "tissue_order",
@@ -107,7 +110,7 @@ def score(pred: torch.Tensor, target: torch.Tensor, lpips: LPIPSMetric | None,
     outside it; LPIPS per slice, summed and averaged; with a label map, the tissue contrast
     (`vq.metrics.contrast_scores`; its per-tissue ratios under "ratios")."""
     pred, target = pred[:, 0], target[:, 0]  # (S,1,H,W) -> (S,H,W): one 3D stack, one value per metric
-    brain = target > -1
+    brain = brain_mask(target)
     regions = {"brain": brain}
     if labels is not None and labels.tumour is not None:
         tumour = labels.tumour.to(target.device)
@@ -300,3 +303,77 @@ def summary_markdown(summary: list[dict]) -> str:
         text += ("\n## Inside and outside the tumour\n\n" + "\n".join(tumour) + "\n\nTumour: the segmentation's "
                  "voxels (label > 0) in the evaluated crop; rest of the brain: the other brain voxels.\n")
     return text + note
+
+
+def validate(translator: Translator, stacks: dict[str, dict[int, torch.Tensor]],
+             identity: bool = True) -> tuple[float, float, int, float, int]:
+    """The training's validation on `stacks` (subject -> {sequence index: (S,1,H,W) central slices}):
+    sums of `translation_psnr` and of `latent_gap`, so that ranks can add theirs before
+    `validation_row` divides."""
+    return *translation_psnr(translator, stacks, identity), *latent_gap(translator, stacks)
+
+
+def validation_row(total: float, brain: float, count: int, gap: float, gap_count: int) -> tuple[dict, int]:
+    """`validate`'s sums -> (the log.csv row: val_psnr, val_psnr_brain, val_latent_gap; the pairs scored)."""
+    return {"val_psnr": total / max(count, 1), "val_psnr_brain": brain / max(count, 1),
+            "val_latent_gap": gap / gap_count if gap_count else math.nan}, count
+
+
+@torch.no_grad()
+def translation_psnr(translator: Translator, stacks: dict[str, dict[int, torch.Tensor]],
+                     identity: bool = True) -> tuple[float, float, int]:
+    """Sums of PSNR (data range 2) on the whole stack and inside the brain over every (available source,
+    available target) pair, source == target included when `identity` (the reference's validation,
+    train.val_identity); -> (sum, brain sum, count)."""
+    total, total_brain, count = 0.0, 0.0, 0
+    for seqs in stacks.values():
+        for s, src in seqs.items():
+            memo = {}  # the source is encoded once for all its targets
+            for t, tgt in seqs.items():
+                if identity or s != t:
+                    pred, tgt = translator.translate(src, [s, t], memo), tgt.to(translator.device)
+                    total += float(psnr(pred[:, 0], tgt[:, 0]))  # one value per stack
+                    total_brain += region_psnr(pred, tgt, brain_mask(tgt))
+                    count += 1
+    return total, total_brain, count
+
+
+@torch.no_grad()
+def latent_gap(translator: Translator, stacks: dict[str, dict[int, torch.Tensor]]) -> tuple[float, int]:
+    """How common the latent is: for each pair of sequences of a subject, the mean squared distance
+    between their latents of the same slice, over the same distance to the other sequence's latent of
+    another slice (the slices rolled by half the stack), inside the brain; -> (sum over pairs, count).
+    0: both sequences give one latent; about 1: no closer than a different slice's.
+    """
+    total, count = 0.0, 0
+    for seqs in stacks.values():
+        latents = {s: translator.encode(stack) for s, stack in seqs.items()}  # (S, D, h, w)
+        names = sorted(latents)
+        for a_pos, a in enumerate(names):
+            for b in names[a_pos + 1:]:
+                za, zb = latents[a], latents[b]
+                brain = F.interpolate(brain_mask(seqs[a]).float(), size=za.shape[-2:], mode="area")[:, 0] > 0.5
+                brain = brain.to(za.device)
+                same = ((za - zb) ** 2).sum(1)[brain].mean()
+                different = ((za - zb.roll(len(zb) // 2, dims=0)) ** 2).sum(1)[brain].mean()
+                if brain.any() and different > 0:
+                    total += float(same / different)
+                    count += 1
+    return total, count
+
+
+@torch.no_grad()
+def validation_grid(translator: Translator, stacks: dict[str, dict[int, torch.Tensor]], cache: SliceCache,
+                    title: str) -> np.ndarray:
+    """The training's sample grid (`vq.viz.sample_grid`): the centre slice of the first validation
+    subject, its real images of all four sequences (valid subjects are checked for all four) and the
+    translations of every available source to all four."""
+    name, seqs = next(iter(stacks.items()))
+    n = next(iter(seqs.values())).shape[0]
+    mid = slice(n // 2, n // 2 + 1)
+    truth = {s: load_eval_stack(cache, name, s, n)[mid][0, 0].numpy() for s in range(N_SEQ)}
+    translations = {}
+    for s, stack in seqs.items():
+        memo = {}
+        translations[s] = {t: translator.translate(stack[mid], [s, t], memo)[0, 0].cpu().numpy() for t in range(N_SEQ)}
+    return sample_grid(truth, translations, f"{name}: {title}")

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from vq.nifti import Volume
+from vq.nifti import NiftiError, Volume, load_volume
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ SHRINK = [4, 2, 1]
 SAMPLES = 50_000
 """Random points of the mutual information per level: enough for a stable 32-bin histogram, and a
 brain-sized volume registers in seconds at full resolution."""
+STRIPPED_MAX_FOREGROUND = 0.5
+"""A skull-stripped scan is mostly background (BraTS: about 15% brain); above this share of non-zero voxels, warn."""
 
 
 @dataclass(frozen=True)
@@ -126,3 +129,49 @@ def register_rigid(fixed: np.ndarray, fixed_grid: Grid, moving: np.ndarray, movi
     lps[:3, :3] = matrix
     lps[:3, 3] = centre + np.asarray(transform.GetTranslation()) - matrix @ centre  # A (x - c) + c + t
     return LPS @ lps @ LPS, transform
+
+
+def align(sources: dict, register: bool, seed: int = 0) -> tuple[dict, dict]:
+    """{key: Volume} -> ({key: (4, 4) world matrix, first source's RAS point -> that source's}, {key: its SimpleITK
+    transform}): identity for scans of one scanner visit, or with `register` each other source registered
+    rigidly to the first (`register_rigid`)."""
+    (first_key, first), *others = sources.items()
+    world, transforms = {key: np.eye(4) for key in sources}, {}
+    for key, vol in others if register else []:
+        world[key], transforms[key] = register_rigid(first.data, grid_of(first), vol.data, grid_of(vol), seed)
+        log.info("registered %s to %s", vol.path.name, first.path.name)
+    return world, transforms
+
+
+def on_working_grid(sources: dict, world: dict, mask_path: Path | None = None, spacing: float = 1.0):
+    """Every source ({key: Volume}) on the working grid of the first (`working_grid`), through `world`.
+    -> (grid, {key: (X, Y, Z) raw}, {key: (X, Y, Z) bool field of view}, (X, Y, Z) bool brain mask or None).
+
+    With `mask_path` (a mask on the first source's grid or aligned to it) every source is masked; a source
+    that does not overlap the first's brain is an error; one that does not look skull-stripped is named.
+    """
+    first = next(iter(sources.values()))
+    work = working_grid(grid_of(first), spacing)
+    mask = None
+    if mask_path is not None:
+        mask_vol = load_volume(mask_path)
+        mask = resample(mask_vol.data != 0, grid_of(mask_vol), work, order=0) > 0.5
+        if not mask.any():
+            raise NiftiError(f"{mask_path}: the mask does not overlap {first.path}; give a mask of the first source")
+    data, seen, brain = {}, {}, mask
+    for key, vol in sources.items():
+        data[key] = resample(vol.data, grid_of(vol), work, world[key])
+        seen[key] = coverage(grid_of(vol), work, world[key])
+        if brain is None:  # the first source's non-zero voxels
+            brain = data[key] != 0
+        if not (seen[key] & brain).any():
+            raise NiftiError(f"{vol.path}: no overlap with {first.path} in scanner coordinates; pass --register "
+                             "if the scans are from different scanner visits, or check the file's affine")
+        foreground = (vol.data != 0).mean()
+        if mask is not None:
+            data[key] *= mask
+        elif foreground > STRIPPED_MAX_FOREGROUND:
+            log.warning("%s: %.0f%% of the field of view is non-zero, so it does not look skull-stripped; the model "
+                        "was trained on skull-stripped scans: pass --mask BRAIN_MASK or skull-strip it first "
+                        "(e.g. HD-BET, SynthStrip)", vol.path, 100 * foreground)
+    return work, data, seen, mask

@@ -13,6 +13,7 @@ to each target, returned under the names asked for.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from torch import nn
 from vq.checkpoint import load_trained_model, read_checkpoint
 from vq.config import AMP_MODES, Config, ConfigError, load_config
 from vq.dataloader.preprocess import prepare
+from vq.models import sample_latent
 from vq.runtime import amp_dtype, autocast, resolve_device
 from vq.sequences import SEQUENCES, seq_index
 
@@ -142,24 +144,56 @@ def fuse(latents: list[torch.Tensor], weights: list[torch.Tensor] | None = None)
     return torch.where(total > 0, (stacked * weight).sum(0) / total.clamp_min(1e-6), stacked.mean(0))
 
 
-def synthesize(translator: Translator, volumes: dict, targets, percentile: float = 99.0,
-               normalized: bool = False) -> dict[int, np.ndarray]:
-    """Missing sequences of one subject from its available ones, all on one grid (sources on
-    different grids: `vq.grid` brings them onto one, as tools/synthesize.py does).
+@dataclass
+class Synthesis:
+    """What `synthesize_all` makes of one subject: (X, Y, Z) float32 arrays in [-1, 1]."""
 
-    volumes: {sequence name or index: (X, Y, Z) array} (raw or z-scored intensities, see
-    `vq.dataloader.preprocess.prepare`; or already in [-1, 1] with `normalized`); targets: sequence
-    names or indices. Each source is encoded slice by
-    slice; the mean of their latents (the fused latent) is decoded to each target.
-    -> {target as given (name or index): (X, Y, Z) float32 in [-1, 1]}.
+    fused: dict = field(default_factory=dict)
+    """target -> the fused latent decoded (with one source: that source's translation)."""
+    per_source: dict = field(default_factory=dict)
+    """(target, source) -> one source's translation, with `per_source`."""
+    draws: dict = field(default_factory=dict)
+    """target -> (N, X, Y, Z): N decodings of latents drawn around the fused one (VQC sampling), with `samples`."""
+
+
+def synthesize_all(translator: Translator, volumes: dict, targets, *, percentile: float = 99.0,
+                   normalized: bool = False, brain: np.ndarray | None = None, seen: dict | None = None,
+                   names: dict | None = None, per_source: bool = False, samples: int = 0) -> Synthesis:
+    """The synthesis pipeline: missing sequences of one subject from its available ones, all on one grid
+    (sources on different grids: `vq.grid.on_working_grid` brings them onto one, as tools/synthesize.py does).
+
+    volumes: {sequence name or index: (X, Y, Z) array}, raw or z-scored intensities (`prepare`, inside
+    `brain` where given) or already in [-1, 1] with `normalized`. Each source is encoded slice by slice;
+    the fused latent is the mean of theirs, each position weighted by the share of it a source imaged
+    where `seen` ({source: (X, Y, Z) bool field of view}) says. `names`: a source's file, for messages.
+    Keys of the result are the targets (and sources) as given.
     """
     multiple = 2 ** translator.model.cfg.n_down
-    latents, size = [], None
+    latents, weights, size = {}, [], None
     for seq, volume in volumes.items():
         name = SEQUENCES[seq_index(seq)]
-        data = volume if normalized else prepare(volume, percentile, reference=translator.intensity_reference.get(name),
-                                                 name=name)
+        data = volume if normalized else prepare(volume, percentile, brain=brain, name=(names or {}).get(seq, name),
+                                                 reference=translator.intensity_reference.get(name))
         stack, size = to_slices(data, multiple)
-        latents.append(translator.encode(stack))  # (Z, D, X'/4, Y'/4)
-    fused = fuse(latents)
-    return {t: from_slices(translator.decode(fused, seq_index(t)), size) for t in targets}
+        latents[seq] = translator.encode(stack)  # (Z, D, X'/4, Y'/4)
+        if seen is not None:  # the share of each latent position the source imaged
+            imaged, _ = to_slices(seen[seq] * 2.0 - 1, multiple)  # (Z, 1, X', Y'), padding -1: not imaged
+            weights.append(F.avg_pool2d((imaged + 1) / 2, multiple))
+    fused = fuse(list(latents.values()), weights or None)
+    result = Synthesis()
+    for t in targets:
+        target = seq_index(t)
+        if per_source:
+            result.per_source.update({(t, s): from_slices(translator.decode(z, target), size) for s, z in latents.items()})
+        result.fused[t] = from_slices(translator.decode(fused, target), size)
+        if samples:
+            result.draws[t] = np.stack([from_slices(translator.decode(sample_latent(list(latents.values()), fused),
+                                                                      target), size) for _ in range(samples)])
+    return result
+
+
+def synthesize(translator: Translator, volumes: dict, targets, percentile: float = 99.0,
+               normalized: bool = False) -> dict:
+    """Missing sequences of one subject from its available ones, all on one grid: `synthesize_all`'s
+    fused translations. -> {target as given (name or index): (X, Y, Z) float32 in [-1, 1]}."""
+    return synthesize_all(translator, volumes, targets, percentile=percentile, normalized=normalized).fused

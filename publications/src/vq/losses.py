@@ -22,7 +22,7 @@ from torchvision.models import VGG19_Weights
 from torchvision.models.vgg import cfgs, make_layers
 
 from .runtime import in_chunks, run_block
-from .weights import load_pretrained_state
+from .weights import MissingWeightsError, load_pretrained_state
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,17 @@ def ssim_loss(pred: Tensor, target: Tensor, win: int = 7, k1: float = 0.01, k2: 
 
 
 # ----------------------------------------------------------------------------- perceptual
+def perceptual_loss_for(cfg, device: torch.device) -> "PerceptualLoss | None":
+    """The perceptual network a run trains with: None with train.lambda_per 0; a missing VGG19 file
+    stops the run at start-up, naming the way round it."""
+    if cfg.train.lambda_per <= 0:
+        return None
+    try:
+        return PerceptualLoss(weights_path=cfg.train.vgg_weights).to(device)
+    except MissingWeightsError as err:
+        raise MissingWeightsError(f"{err}; or train without the perceptual loss: --set train.lambda_per=0") from None
+
+
 class PerceptualLoss(nn.Module):
     """Sum over the ReLU outputs of VGG19 `features[:30]` of the feature MSE (docs/method.md, step 5).
 

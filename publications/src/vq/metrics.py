@@ -33,6 +33,11 @@ DATA_RANGE = 2.0
 """Images live in [-1, 1]."""
 
 
+def brain_mask(image: Tensor) -> Tensor:
+    """The brain of an image in [-1, 1]: every voxel above the background value -1."""
+    return image > -1
+
+
 def psnr(pred: Tensor, target: Tensor, data_range: float = DATA_RANGE) -> Tensor:
     """Peak signal-to-noise ratio in dB.
 

@@ -227,3 +227,8 @@ def cpu_name() -> str:
             model = m.group(1).strip()
     simd = torch.backends.cpu.get_cpu_capability()
     return f"{model} ({os.cpu_count()} cores, {simd}, {cpu_bf16_units() or 'no bf16 units'})"
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or `cpu_name()`."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()

@@ -14,15 +14,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from vq.config import Config, TrainConfig
 from vq.dataloader.augment import IntensityAugment
 from vq.losses import PerceptualLoss, consistency_loss, ssim_loss
-from vq.metrics import psnr, region_psnr
-from vq.models import build_model
+from vq.models import build_model, sample_latent
 from vq.runtime import apply_speed_switches, autocast, capture_cuda_graph, seed_everything
 
 log = logging.getLogger(__name__)
@@ -185,9 +183,7 @@ class Recipe(nn.Module):
             latents = [lat_src, lat_tgt, lat_src, lat_tgt]
             codes = [tgt_idx, src_idx, src_idx, tgt_idx]  # i->j, j->i, i->i, j->j
             if phase.sampling:  # step 3: VQC latent sampling around the pair's mean
-                mean = (lat_src + lat_tgt) / 2
-                spread = (lat_src - mean) ** 2 + (lat_tgt - mean) ** 2
-                sample = mean + torch.randn_like(mean) * spread
+                sample = sample_latent([lat_src, lat_tgt])
                 latents += [sample, sample]
                 codes += [src_idx, tgt_idx]
             out = model.decode(torch.cat(latents), torch.cat(codes))  # (4B or 6B, 1, H, W)
@@ -320,6 +316,15 @@ def graph_breaks(cfg: Config, sync_free: bool, ddp: bool) -> list[str]:
     return reasons
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool = False) -> dict:
+    """A loader batch as `train_step` takes it: src, tgt, src_idx and tgt_idx on the device, the images
+    in channels_last memory format where train.channels_last says."""
+    out = {key: batch[key].to(device, non_blocking=True) for key in ("src", "tgt", "src_idx", "tgt_idx")}
+    if channels_last:
+        out.update({key: out[key].contiguous(memory_format=torch.channels_last) for key in ("src", "tgt")})
+    return out
+
+
 def train_step(run: Training, batch: dict[str, torch.Tensor], phase: Phase) -> None:
     """One optimizer step on a batch (src, tgt, src_idx, tgt_idx on the device); nothing here waits
     for the device, so steps queue up until `read_stats`.
@@ -413,72 +418,3 @@ def _capture(run: Training, batch: dict[str, torch.Tensor], phase: Phase):
                                warmup=lambda: _step(run, static, phase, undoable=True, force_skip=True))
     run.graphs[phase] = graph, static
     return graph, static
-
-
-@torch.no_grad()
-def translate(model: nn.Module, stack: torch.Tensor, target: int, batch_size: int,
-              amp: torch.dtype | None = None) -> torch.Tensor:
-    """Translate a stack of slices (S,1,H,W) to one target sequence, in batches; fp32 result."""
-    out = []
-    for start in range(0, stack.shape[0], batch_size):
-        chunk = stack[start:start + batch_size]
-        with autocast(chunk.device, amp):
-            out.append(model(chunk, target).float())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def latent_gap(model: nn.Module, stacks: dict[str, dict[int, torch.Tensor]], device: torch.device,
-               batch_size: int) -> tuple[float, int]:
-    """How common the latent is: for each pair of sequences of a subject, the mean squared distance
-    between their latents of the same slice, over the same distance to the other sequence's latent of
-    another slice (the slices rolled by half the stack), inside the brain; -> (sum over pairs, count).
-    0: both sequences give one latent; about 1: no closer than a different slice's.
-    """
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for seqs in stacks.values():
-        latents = {s: torch.cat([model.encode(stack[i:i + batch_size].to(device)).latent.float()
-                                 for i in range(0, len(stack), batch_size)]) for s, stack in seqs.items()}
-        names = sorted(latents)
-        for a_pos, a in enumerate(names):
-            for b in names[a_pos + 1:]:
-                za, zb = latents[a], latents[b]  # (S, D, h, w)
-                size = za.shape[-2:]
-                brain = F.interpolate((seqs[a] > -1).float(), size=size, mode="area")[:, 0].to(device) > 0.5
-                other = zb.roll(len(zb) // 2, dims=0)
-                same = ((za - zb) ** 2).sum(1)[brain].mean()
-                different = ((za - other) ** 2).sum(1)[brain].mean()
-                if brain.any() and different > 0:
-                    total += float(same / different)
-                    count += 1
-    model.train(was_training)
-    return total, count
-
-
-@torch.no_grad()
-def validate(model: nn.Module, stacks: dict[str, dict[int, torch.Tensor]], device: torch.device,
-             batch_size: int, amp: torch.dtype | None = None, identity: bool = True) -> tuple[float, float, int]:
-    """Sums of PSNR (data range 2) on the whole stack and inside the brain (the target's non-background
-    voxels) over every (available source, available target) pair, source == target included when
-    `identity` (the reference's validation, train.val_identity); -> (sum, brain sum, count).
-
-    stacks: subject -> {sequence index: (S,1,H,W) centre-cropped central slices}.
-    Returns sums so that ranks can add theirs before dividing.
-    """
-    was_training = model.training
-    model.eval()
-    total, total_brain, count = 0.0, 0.0, 0
-    for seqs in stacks.values():
-        for s, src in seqs.items():
-            src = src.to(device)
-            for t, tgt in seqs.items():
-                if identity or s != t:
-                    pred = translate(model, src, t, batch_size, amp)
-                    tgt = tgt.to(device)
-                    total += float(psnr(pred[:, 0], tgt[:, 0]))  # one value per stack
-                    total_brain += region_psnr(pred, tgt, tgt > -1)
-                    count += 1
-    model.train(was_training)
-    return total, total_brain, count

@@ -53,8 +53,8 @@ def plot_demo_curve(rows: list[dict], curves: dict[str, list[tuple[int, float, f
     """Quality against training time (`vq.report`): validation brain PSNR along each run, and per run
     the test scores (brain PSNR of model and copy, contrast error, share of tissue orders kept). The
     x axis is wall minutes where every run logged them (`elapsed_s`), else training steps. `connect`: the
-    rows are snapshots of one run, joined by a line."""
-    timed = all(np.isfinite(r["minutes"]) for r in rows)
+    rows are snapshots of one run, joined by a line, against its training steps."""
+    timed = not connect and all(np.isfinite(r["minutes"]) for r in rows)
     at = lambda step, minutes: minutes if timed else step  # noqa: E731
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for i, row in enumerate(rows):

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vq.dataloader.brats import SliceCache, summarize_bad
+from vq.config import Config, resolve_path
+from vq.dataloader.brats import BratsDataError, SliceCache, summarize_bad
+from vq.dataloader.lists import read_list
 from vq.dataloader.datasets import train_sequences
 from vq.files import write_atomic
 from vq.sequences import SEQUENCES
@@ -79,3 +82,31 @@ def check_lists(cache: SliceCache, lists: dict[str, list[tuple[str, int]]], miss
         _, bad = cache.check(wanted)
         result.rows[lst] = [(name, code, bad.get(name)) for name, code in rows]
     return result
+
+
+def check_training_data(cfg: Config, run_dir: Path, write_report: bool = True) -> tuple[SliceCache, list, list]:
+    """Check every training and validation subject (and build their slice cache) before a run starts;
+    -> (cache, usable train rows, usable valid rows).
+
+    Bad subjects stop the run with one line (how many, the first few, the report file in the run
+    folder), unless data.skip_bad leaves them out. Under torchrun the processes take turns on the
+    cache's lock: the first builds, the others find the cache ready; one (`write_report`) writes the report.
+    """
+    lists = cfg.lists_dir
+    rows = {"train": read_list(lists / "train.csv"), "valid": read_list(lists / "valid.csv")}
+    cache = SliceCache(resolve_path(cfg.data.cache_dir), resolve_path(cfg.data.root), cfg.data)
+    with cache.locked():
+        result = check_lists(cache, rows, cfg.data.missing)
+    if result.bad:
+        report = run_dir / "bad_subjects.csv"
+        if write_report:
+            result.write(report)
+        if not cfg.data.skip_bad:
+            raise BratsDataError(f"{result.summary(report)}; fix them, or train without them with "
+                                 "--set data.skip_bad=true")
+        logging.getLogger("train").warning("data.skip_bad: training without them: %s", result.summary(report))
+    train_rows, valid_rows = result.used("train"), result.used("valid")
+    if not train_rows or not valid_rows:
+        raise BratsDataError(f"no usable {'training' if not train_rows else 'validation'} subjects "
+                             f"in {lists}; see {run_dir / 'bad_subjects.csv'}")
+    return cache, train_rows, valid_rows

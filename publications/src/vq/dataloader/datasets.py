@@ -17,7 +17,7 @@ from vq.config import Config, DataConfig
 from vq.dataloader.brats import SliceCache, available_cpus
 from vq.dataloader.preprocess import brain_range, central_slices, pad_or_crop
 from vq.dataloader.sampler import EpochSampler
-from vq.sequences import N_SEQ, SEQUENCES, train_pair
+from vq.sequences import N_SEQ, SEQUENCES, available, train_pair
 
 log = logging.getLogger(__name__)
 
@@ -133,3 +133,14 @@ def load_eval_stack(cache: SliceCache, name: str, seq: str | int, n: int | None 
     volume = cache.volume(name, seq)  # (n_slices, X, Y) float16
     picked = np.asarray(volume[central_slices(volume.shape[0], n or volume.shape[0])], dtype=np.float32)
     return torch.from_numpy(pad_or_crop(picked, cache.prep.crop))[:, None]  # centre crop
+
+
+def validation_stacks(cache: SliceCache, subjects: list[tuple[str, int]], n: int) -> dict[str, dict[int, torch.Tensor]]:
+    """Subject -> {available sequence index: its central `n` slices (S,1,H,W)}: what validation translates.
+    Where no subject has two available sequences there is nothing to translate, so all four are used
+    (the validation subjects are checked for all four)."""
+    seqs = {name: available(code) for name, code in subjects}
+    if all(len(names) < 2 for names in seqs.values()):
+        log.warning("no valid subject has two available sequences; validating on all four sequences instead")
+        seqs = {name: list(range(N_SEQ)) for name in seqs}
+    return {name: {s: load_eval_stack(cache, name, s, n) for s in names} for name, names in seqs.items()}

@@ -263,5 +263,14 @@ class VQSeq2Seq(nn.Module):
         return self.decode(self.encode(x).latent, target)
 
 
+def sample_latent(latents: list[torch.Tensor], mean: torch.Tensor | None = None) -> torch.Tensor:
+    """VQC latent sampling (docs/method.md, step 3): a latent drawn around the sources' `mean` (default
+    their plain mean), element-wise sigma = the sum over sources of (z - mean)^2 (the reference's spread:
+    a sum of squares, not its root); 0 for a single source."""
+    mean = sum(latents) / len(latents) if mean is None else mean
+    spread = sum((z - mean) ** 2 for z in latents)
+    return mean + torch.randn_like(mean) * spread
+
+
 def build_model(cfg: ModelConfig) -> VQSeq2Seq:
     return VQSeq2Seq(cfg)

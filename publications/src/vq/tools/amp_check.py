@@ -22,11 +22,12 @@ from vq.bench import data_rows, loader_batches, perceptual_for
 from vq.cli import add_set_arg, run_main
 from vq.config import Config, load_config, resolve_path
 from vq.dataloader.brats import SliceCache
-from vq.dataloader.datasets import load_eval_stack, make_train_loader
+from vq.dataloader.datasets import make_train_loader, validation_stacks
+from vq.evaluation import translation_psnr
+from vq.inference import Translator
 from vq.losses import PerceptualLoss
 from vq.runtime import amp_dtype, resolve_device
-from vq.sequences import N_SEQ, available
-from vq.training import Phase, build_training, poly_lr, set_lr, train_step, validate
+from vq.training import Phase, build_training, poly_lr, set_lr, train_step
 
 log = logging.getLogger("amp_check")
 
@@ -44,7 +45,7 @@ def train_then_validate(cfg: Config, device: torch.device, amp: torch.dtype | No
     for step, (epoch, batch) in zip(range(steps), batches):
         set_lr(run.optimizer, poly_lr(schedule, step))
         train_step(run, {key: value.to(device) for key, value in batch.items()}, Phase.at(cfg, epoch))
-    total, _, count = validate(run.model, valid, device, cfg.test.batch_size, amp)
+    total, _, count = translation_psnr(Translator(run.model, device, amp, cfg.test.batch_size), valid)
     return total / count
 
 
@@ -57,11 +58,7 @@ def amp_check(cfg: Config, device: torch.device, amp: torch.dtype, steps: int) -
     cache = SliceCache(resolve_path(cfg.data.cache_dir), resolve_path(cfg.data.root), cfg.data)
     cache.ensure([name for name, _ in valid_rows])
     loader = make_train_loader(cfg, cache, train_rows, seed=cfg.seed)
-    seqs = {name: available(code) for name, code in valid_rows}
-    if all(len(s) < 2 for s in seqs.values()):  # no translation to validate: use all four sequences
-        seqs = {name: list(range(N_SEQ)) for name in seqs}
-    valid = {name: {s: load_eval_stack(cache, name, s, cfg.train.val_slices) for s in names}
-             for name, names in seqs.items()}
+    valid = validation_stacks(cache, valid_rows, cfg.train.val_slices)
     perceptual, _ = perceptual_for(cfg, device)
     per_epoch = loader.sampler.batches_per_epoch
 
