@@ -10,7 +10,7 @@ DEMO_RUN := outputs/ckpt/demo/phantom/2d
 DEMO_RESULTS := outputs/results/demo/phantom/2d
 DEVICE ?= cpu
 
-.PHONY: setup demo data train evaluate claims test clean-demo
+.PHONY: setup demo data train evaluate claims test test-long clean-demo
 
 setup: $(STAMP)
 
@@ -45,8 +45,13 @@ claims: train
 		-l $(DEMO_RUN)/ckpt_best.pth -o $(DEMO_RESULTS)/oneshot --overwrite
 	@cat $(DEMO_RESULTS)/oneshot/oneshot_seg.md
 
+# The suite without its long tests (torchrun, emulated bf16 training, the full benchmark): under 15
+# minutes on 2 cores. CI runs both sets.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not long" tests
+
+test-long: $(STAMP)
+	$(PY) -m pytest -q -m long tests
 
 clean-demo:
 	rm -rf $(DEMO_RUN) $(DEMO_RESULTS)

@@ -6,10 +6,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import CONFIGS, tiny_overrides
 from vq.config import REPO_ROOT
 
 
+@pytest.mark.long
 def test_two_process_gloo_training(phantom_dir, tmp_path):
     script = REPO_ROOT / "publications/src/vq/train/train_brats_vq_seq2seq_2d.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),

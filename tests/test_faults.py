@@ -142,6 +142,7 @@ sys.exit(main())
 """
 
 
+@pytest.mark.long
 def test_torchrun_on_a_cold_cache_outlasting_the_collective_timeout(phantom_dir, tmp_path):
     """Two gloo processes, a cold cache that takes about 3x the process group's timeout to build:
     the processes take turns on the cache's lock before the process group exists, so no collective

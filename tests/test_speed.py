@@ -44,6 +44,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.long
 def test_bf16_training_agrees_with_fp32(phantom_dir, tmp_path):
     """Same seed, same batches: bf16-autocast and fp32 training reach the same validation PSNR.
 
@@ -87,6 +88,7 @@ def test_bf16_training_agrees_with_fp32(phantom_dir, tmp_path):
     assert abs(sum(gaps) / len(gaps)) < 0.3, gaps
 
 
+@pytest.mark.long
 def test_benchmark_writes_the_documented_json(phantom_dir, tmp_path):
     out = tmp_path / "bench.json"
     # a missing VGG19 file: the perceptual loss is timed with an untrained VGG19 of the same shape
@@ -266,7 +268,7 @@ def test_a_non_finite_loss_is_reported_with_its_step(monkeypatch):
         read_stats(run)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_training_step_and_inference_compile_as_one_graph():
     """torch._dynamo.explain of the full-recipe forward (backward follows through AOTAutograd) and of
     inference: one graph each, no graph break."""
@@ -307,7 +309,7 @@ def aot_eager(monkeypatch):
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_compiled_and_eager_steps_agree(monkeypatch):
     """train.compile against eager on the same draws, on the step after the first (which runs the demo's
     k-means codebook initialisation eagerly in both): the loss within 1e-5 relative, the whole gradient
@@ -336,7 +338,7 @@ def test_compiled_and_eager_steps_agree(monkeypatch):
     assert (grad - eager_grad).norm() <= 1e-5 * eager_grad.norm()
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_a_step_that_cannot_be_one_graph_compiles_in_pieces_and_says_why(monkeypatch, caplog):
     """train.contrast text selects foreground positions with nonzero: train.compile compiles that step in
     pieces and logs the reason, instead of failing at the break (fullgraph) when the term first runs."""
@@ -353,7 +355,7 @@ def test_a_step_that_cannot_be_one_graph_compiles_in_pieces_and_says_why(monkeyp
     assert reason.startswith("train.contrast text") and f"compiles in pieces: {reason}" in caplog.text
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_mode_benchmark_writes_its_json_on_cpu(tmp_path, monkeypatch):
     """The eager / compiled / CUDA-graph benchmark runs end to end with -d cpu; the CUDA-graph rows are
     skipped there with a note, and with train.sync_free auto (host-grouped eager on a CPU) the training
@@ -375,7 +377,7 @@ def test_mode_benchmark_writes_its_json_on_cpu(tmp_path, monkeypatch):
     assert "| demo_phantom_cpu.yaml | train | 2 | compiled |" in out.with_suffix(".md").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_the_profile_shows_where_each_mode_spends_its_time(tmp_path, monkeypatch):
     """--profile writes the step's operators by self time, in the mode asked: the compiled step runs
     through AOTAutograd's compiled function, the eager one does not; both show the convolutions. The

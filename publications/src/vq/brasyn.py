@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import shutil
 from pathlib import Path
@@ -27,9 +26,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from vq.files import write_atomic
+from vq.files import write_atomic, write_csv
 from vq.inference import Translator, synthesize
 from vq.labels import load_labels
+from vq.metrics import mean_and_std
 from vq.nifti import NiftiError, load_volume, save_like, to_intensity
 from vq.sequences import BRASYN_NAMES
 
@@ -123,7 +123,7 @@ def drop_modalities(src_root: str | Path, out_root: str | Path) -> list[tuple[st
             if suffix != dropped:
                 shutil.copy2(path, target / path.name)
         rows.append((folder.name, dropped))
-    _write_csv(Path(out_root) / "dropped.csv", ["case", "dropped"], rows)
+    write_csv(Path(out_root) / "dropped.csv", [{"case": case, "dropped": dropped} for case, dropped in rows])
     return rows
 
 
@@ -245,13 +245,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         groups.setdefault(("all", row["method"].split("_")[0]), []).append(row)
     out = []
     for (dropped, method), members in sorted(groups.items()):
-        entry = {"dropped": dropped, "method": method, "n": len(members)}
-        for key in SCORE_COLUMNS:
-            values = np.array([m[key] for m in members], float)
-            values = values[np.isfinite(values)]
-            entry[key] = float(values.mean()) if values.size else float("nan")
-            entry[f"{key}_std"] = float(values.std()) if values.size else float("nan")
-        out.append(entry)
+        out.append({"dropped": dropped, "method": method, "n": len(members), **mean_and_std(members, SCORE_COLUMNS)})
     return out
 
 
@@ -267,19 +261,10 @@ def summary_markdown(summary: list[dict]) -> str:
                                "neighbouring available sequence (t1n <-> t1c, t2w <-> t2f).\n")
 
 
-def _write_csv(path: Path, columns: list[str], rows) -> Path:
-    text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerow(columns)
-    writer.writerows(rows)
-    return write_atomic(path, lambda f: f.write(text.getvalue().encode()))
-
-
 def write_results(rows: list[dict], summary: list[dict], out: str | Path) -> None:
     """brasyn_metrics.csv (per case and method), brasyn_summary.csv and brasyn_summary.md."""
     out = Path(out)
-    fmt = lambda v: "" if isinstance(v, float) and not np.isfinite(v) else (f"{v:.6g}" if isinstance(v, float) else v)
-    _write_csv(out / "brasyn_metrics.csv", CASE_COLUMNS, [[fmt(r[c]) for c in CASE_COLUMNS] for r in rows])
-    columns = ["dropped", "method", "n"] + [c for k in SCORE_COLUMNS for c in (k, f"{k}_std")]
-    _write_csv(out / "brasyn_summary.csv", columns, [[fmt(e[c]) for c in columns] for e in summary])
+    write_csv(out / "brasyn_metrics.csv", rows, CASE_COLUMNS)
+    write_csv(out / "brasyn_summary.csv", summary, ["dropped", "method", "n"] + [c for k in SCORE_COLUMNS
+                                                                                 for c in (k, f"{k}_std")])
     write_atomic(out / "brasyn_summary.md", lambda f: f.write(summary_markdown(summary).encode()))

@@ -10,8 +10,6 @@ on the validation subjects' central slices.
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -27,10 +25,11 @@ from vq.config import Config
 from vq.dataloader.brats import SliceCache, subject_files
 from vq.dataloader.datasets import load_eval_stack
 from vq.dataloader.preprocess import central_slices, pad_or_crop
-from vq.files import write_atomic
+from vq.files import write_atomic, write_csv
 from vq.inference import Translator
 from vq.labels import ContrastSpec, label_stack, load_labels, subject_labels
-from vq.metrics import LPIPSMetric, brain_mask, contrast_scores, lpips_volume, psnr, region_psnr, ssim3d_regions
+from vq.metrics import (LPIPSMetric, brain_mask, contrast_scores, lpips_volume, mean_and_std, psnr, region_psnr,
+                        ssim3d_regions)
 from vq.nifti import ras_shape, save_like, to_intensity
 from vq.sequences import DISPLAY_NAMES, N_SEQ, SEG, SEQUENCES, available, missing, path_name, seq_index, subject_file
 from vq.viz import sample_grid, save_png, translation_figure
@@ -220,13 +219,7 @@ def save_prediction(pred: torch.Tensor, root: Path, name: str, tr: Translation, 
 def write_metrics(rows: list[dict], path: str | Path, columns: list[str] = METRIC_COLUMNS) -> Path:
     """A metrics CSV (result_metrics.csv by default), written atomically; NaN (LPIPS unavailable)
     becomes an empty cell."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, columns, extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if isinstance(v, float) and math.isnan(v) else
-                         (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    return write_atomic(path, lambda f: f.write(text.getvalue().encode()))
+    return write_csv(path, rows, columns)
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -238,25 +231,14 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for (method, steps, src, tgt), members in sorted(groups.items(), key=lambda kv: (
             kv[0][0] != "model", kv[0][1] != "single", SEQUENCES.index(kv[0][2]), SEQUENCES.index(kv[0][3]))):
-        entry = {"method": method, "steps": steps, "src": src, "tgt": tgt, "n": len(members)}
-        for key in SUMMARY_METRICS:
-            values = np.array([m.get(key, math.nan) for m in members], dtype=float)
-            values = values[~np.isnan(values)]
-            entry[key] = float(values.mean()) if values.size else math.nan
-            entry[f"{key}_std"] = float(values.std()) if values.size else math.nan
-        out.append(entry)
+        out.append({"method": method, "steps": steps, "src": src, "tgt": tgt, "n": len(members),
+                    **mean_and_std(members, SUMMARY_METRICS)})
     return out
 
 
 def write_summary(summary: list[dict], csv_path: str | Path, md_path: str | Path) -> None:
     """summary.csv and summary.md, each written atomically."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, SUMMARY_COLUMNS)
-    writer.writeheader()
-    for entry in summary:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) and not math.isnan(v) else
-                             "" if isinstance(v, float) else v) for k, v in entry.items()})
-    write_atomic(csv_path, lambda f: f.write(text.getvalue().encode()))
+    write_csv(csv_path, summary, SUMMARY_COLUMNS)
     write_atomic(md_path, lambda f: f.write(summary_markdown(summary).encode()))
 
 

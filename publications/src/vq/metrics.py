@@ -33,6 +33,17 @@ DATA_RANGE = 2.0
 """Images live in [-1, 1]."""
 
 
+def mean_and_std(rows: list[dict], keys) -> dict[str, float]:
+    """Per key, the mean and the population std of the rows' finite values (`KEY`, `KEY_std`; NaN where
+    none): the summaries of the evaluation and of BraSyn."""
+    out = {}
+    for key in keys:
+        values = np.array([row.get(key, np.nan) for row in rows], dtype=float)
+        values = values[np.isfinite(values)]
+        out[key], out[f"{key}_std"] = (float(values.mean()), float(values.std())) if values.size else (np.nan, np.nan)
+    return out
+
+
 def brain_mask(image: Tensor) -> Tensor:
     """The brain of an image in [-1, 1]: every voxel above the background value -1."""
     return image > -1

@@ -10,7 +10,6 @@ baseline that shows what the latent adds.
 """
 from __future__ import annotations
 
-import csv
 import logging
 from typing import Callable
 
@@ -24,6 +23,7 @@ from vq.dataloader.brats import BratsDataError, subject_files
 from vq.dataloader.datasets import load_eval_stack
 from vq.dataloader.lists import DataListError
 from vq.evaluation import TestRun
+from vq.files import write_atomic, write_csv
 from vq.labels import BRATS_LABELS, TUMOUR_REGIONS, label_stack, load_labels
 from vq.metrics import region_dice
 from vq.sequences import SEG, SEQUENCES, available
@@ -139,13 +139,9 @@ def run(test: TestRun, seq: int, support: str | None = None, query_seq: int | No
         for feature, fn in extract.items():
             pred = segment(classifiers[feature], fn(stack), stack)
             rows.append({"name": name, "seq": SEQUENCES[query], "feature": feature, **region_dice(pred, labels)})
-    test.out.mkdir(parents=True, exist_ok=True)
-    with open(test.out / "oneshot_seg.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, ["name", "seq", "feature", *TUMOUR_REGIONS])
-        writer.writeheader()
-        writer.writerows({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in row.items()} for row in rows)
+    write_csv(test.out / "oneshot_seg.csv", rows, ["name", "seq", "feature", *TUMOUR_REGIONS], digits=4)
     table = markdown(rows, support, SEQUENCES[seq])
-    (test.out / "oneshot_seg.md").write_text(table)
+    write_atomic(test.out / "oneshot_seg.md", lambda f: f.write(table.encode()))
     return table
 
 

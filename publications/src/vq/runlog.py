@@ -8,7 +8,6 @@ it resumes from (a hard kill) are dropped first, so that every step is logged on
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from vq.config import Config, save_config
-from vq.files import write_atomic
+from vq.files import write_csv
 from vq.viz import plot_progress, save_png
 
 log = logging.getLogger("train")
@@ -82,9 +81,5 @@ def drop_rows_after(log_path: Path, step: int) -> None:
         rows, columns = list(reader), reader.fieldnames or LOG_COLUMNS
     kept = [row for row in rows if int(row["step"]) <= step]
     if len(kept) < len(rows):
-        text = io.StringIO()
-        out = csv.DictWriter(text, columns, extrasaction="ignore")
-        out.writeheader()
-        out.writerows(kept)
-        write_atomic(log_path, lambda f: f.write(text.getvalue().encode()))
+        write_csv(log_path, kept, columns)
         log.info("log.csv: dropped %d rows logged after step %d, the checkpoint's", len(rows) - len(kept), step)

@@ -9,8 +9,6 @@ run that passes starts at once.
 """
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +17,7 @@ from vq.config import Config, resolve_path
 from vq.dataloader.brats import BratsDataError, SliceCache, summarize_bad
 from vq.dataloader.lists import read_list
 from vq.dataloader.datasets import train_sequences
-from vq.files import write_atomic
+from vq.files import write_csv
 from vq.sequences import SEQUENCES
 
 REPORT_COLUMNS = ["list", "subject", "code", "status", "reason"]
@@ -58,13 +56,8 @@ class DataCheck:
 
     def write(self, path: str | Path) -> Path:
         """The per-subject report as CSV (list, subject, code, status, reason), written atomically."""
-        text = io.StringIO()
-        writer = csv.writer(text)
-        writer.writerow(REPORT_COLUMNS)
-        for lst, rows in self.rows.items():
-            for name, code, why in rows:
-                writer.writerow([lst, name, code, "ok" if why is None else "bad", why or ""])
-        return write_atomic(path, lambda f: f.write(text.getvalue().encode()))
+        return write_csv(path, [dict(zip(REPORT_COLUMNS, (lst, name, code, "ok" if why is None else "bad", why or "")))
+                                for lst, rows in self.rows.items() for name, code, why in rows], REPORT_COLUMNS)
 
 
 def needed_sequences(lst: str, code: int, missing: bool) -> tuple[str, ...]:

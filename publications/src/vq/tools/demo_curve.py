@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import logging
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 from vq.checkpoint import read_checkpoint
 from vq.cli import add_set_arg, run_main
 from vq.config import REPO_ROOT, ConfigError
-from vq.files import write_atomic
+from vq.files import write_atomic, write_csv
 from vq.report import compare_with_copy, goal_row, read_summary, training_minutes, validation_curve
 from vq.viz import plot_demo_curve
 
@@ -51,11 +50,7 @@ def main(argv=None) -> int:
 
 def run(args) -> None:
     rows, curves, last = snapshot_rows(args) if args.snapshots else run_rows(args)
-    text = io.StringIO()
-    writer = csv.DictWriter(text, list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(args.out / "demo_curve.csv", lambda f: f.write(text.getvalue().encode()))
+    write_csv(args.out / "demo_curve.csv", rows)
     md = demo_markdown(rows, last)
     write_atomic(args.out / "demo_curve.md", lambda f: f.write(md.encode()))
     plot_demo_curve(rows, curves, args.out / "demo_curve.png", connect=args.snapshots)

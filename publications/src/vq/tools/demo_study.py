@@ -15,8 +15,6 @@ brain PSNR against minutes, a line per run).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 import os
 import shutil
@@ -32,7 +30,7 @@ import yaml
 from vq.checkpoint import read_checkpoint
 from vq.cli import run_main
 from vq.config import ConfigError, REPO_ROOT, load_config
-from vq.files import write_atomic
+from vq.files import write_atomic, write_csv
 from vq.report import compare_with_copy, goal_row, read_summary, training_minutes, validation_curve
 from vq.viz import plot_study
 
@@ -179,11 +177,7 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
 
 
 def write_table(rows: list[dict], out: Path, study: Study) -> str:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(out / "study.csv", lambda f: f.write(text.getvalue().encode()))
+    write_csv(out / "study.csv", rows)
     n = rows[0]["translations"]
     lines = [f"Mean ± sample standard deviation over the seeds; {n} single-step translations per run "
              "(counts are out of that).", "",

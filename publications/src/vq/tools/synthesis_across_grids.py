@@ -20,7 +20,6 @@ true motion send them.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ from vq.config import load_config, resolve_path
 from vq.dataloader.brats import subject_files
 from vq.dataloader.lists import read_list
 from vq.dataloader.preprocess import normalize
+from vq.files import write_csv
 from vq.grid import LPS, Grid, grid_of, to_sitk
 from vq.metrics import region_psnr
 from vq.nifti import load_volume
@@ -124,10 +124,7 @@ def run(args) -> None:
 
 
 def write(rows: list[dict], out: Path) -> None:
-    with open(out / "across_grids.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "across_grids.csv", rows)
     mean = lambda case, tgt, key="psnr_brain": float(np.mean([r[key] for r in rows if (r["case"], r["tgt"]) == (case, tgt)]))
     n = len({r["name"] for r in rows})
     lines = [f"PSNR over the brain (dB), mean of {n} phantom subjects; difference from `aligned` in brackets.", "",
