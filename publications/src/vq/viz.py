@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vq.corruptions import CORRUPTIONS  # noqa: E402
+from vq.report import GOAL_CONTRAST_ERROR  # noqa: E402
 from vq.sequences import DISPLAY_NAMES, SEQUENCES  # noqa: E402
 
 
@@ -71,6 +72,11 @@ def plot_demo_curve(rows: list[dict], curves: dict[str, list[tuple[int, float, f
         for ax, key in zip(axes, ("psnr_brain", "contrast_error", "tissue_order")):
             ax.plot(xs, [r[key] for r in rows], "-", color="k", lw=1)
         axes[0].plot(xs, [r["copy_psnr_brain"] for r in rows], ":", color="k", lw=1)
+        axes[1].plot(xs, [r["copy_contrast_error"] for r in rows], ":", color="k", lw=1, label="copy")
+        axes[1].axhline(GOAL_CONTRAST_ERROR, color="g", lw=1, ls="--", label="goal")
+        axes[1].set_ylim(0, max(1.0, max(r["copy_contrast_error"] for r in rows) * 1.05))
+        axes[1].legend(fontsize=7)
+        axes[2].set_ylim(0, 1.02)
     titles = ("brain PSNR, dB (o test, x copy, line validation)", "contrast error (test)",
               "tissue order kept (test, share)")
     for ax, title in zip(axes, titles):
