@@ -133,7 +133,7 @@ def test_perceptual_per_sample_is_torchvision_vgg19s_feature_mse_per_row(vgg_fil
     from torchvision.models import vgg19
 
     reference = vgg19()
-    reference.load_state_dict(torch.load(vgg_file), strict=False)  # features.* only
+    reference.load_state_dict(torch.load(vgg_file, weights_only=True), strict=False)  # features.* only
     layers = [torch.nn.AvgPool2d(2, 2) if isinstance(m, torch.nn.MaxPool2d) else m for m in reference.features[:30]]
     mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 

@@ -402,6 +402,7 @@ def test_the_step_is_the_same_with_the_decoder_grouped_by_code_on_the_host():
 def test_kept_snapshots_make_the_quality_curve(phantom_dir, tmp_path):
     """train.keep_every_epochs keeps the weights at those epochs' ends (the last is the final model);
     tools/demo_curve.py --snapshots makes a row of each at its step and minute, evaluated where not yet."""
+    from vq.checkpoint import read_checkpoint
     from vq.evaluation import SUMMARY_COLUMNS, write_summary
     from vq.tools.demo_curve import main as curve_main
 
@@ -410,7 +411,7 @@ def test_kept_snapshots_make_the_quality_curve(phantom_dir, tmp_path):
     assert train_main(["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--set", *overrides]) == 0
     run = tmp_path / "run"
     assert sorted(p.name for p in run.glob("ckpt_epoch_*.pth")) == ["ckpt_epoch_0002.pth"]
-    kept, last = torch.load(run / "ckpt_epoch_0002.pth"), torch.load(run / "ckpt_last.pth")
+    kept, last = read_checkpoint(run / "ckpt_epoch_0002.pth"), read_checkpoint(run / "ckpt_last.pth")
     assert kept["epoch"] == 2 and 0 < kept["step"] < last["step"] and kept["model"].keys() == last["model"].keys()
     assert any(not torch.equal(kept["model"][k], last["model"][k]) for k in kept["model"])
 
