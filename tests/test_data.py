@@ -485,6 +485,22 @@ def test_brasyn_naming_reads_the_same_slices(brats, brasyn, tmp_path, cfg):
     assert subject_files(brasyn, "BraTS-GLI-00002-000", ["seg"], "brasyn")["seg"].name == "BraTS-GLI-00002-000-seg.nii.gz"
 
 
+def test_brasyn_and_the_dataloader_find_the_same_files_in_either_naming(brats, brasyn):
+    """One naming rule (vq.sequences): the BraSyn tools and the data loader read the same file of each
+    kind, `.nii` where only that exists."""
+    from vq.brasyn import READ_NAMINGS, case_files
+    from vq.sequences import BRASYN_NAMES, SEG, find_subject_file, subject_file
+
+    for root, name, naming in ((brats, "S1", "brats2021"), (brasyn, "BraTS-GLI-00001-000", "brasyn")):
+        t2 = root / name / subject_file(name, "t2", naming)
+        nib.save(nib.load(str(t2)), str(t2.with_suffix("")))  # uncompressed only
+        t2.unlink()
+        loader = subject_files(root, name, naming=naming)
+        assert loader["t2"].name.endswith(".nii")
+        assert {BRASYN_NAMES[k]: v for k, v in loader.items() if k != SEG} == case_files(root / name)
+        assert find_subject_file(root / name, SEG, READ_NAMINGS) == loader[SEG]
+
+
 def test_the_wrong_naming_says_which_setting_to_use(brasyn, tmp_path, cfg):
     with pytest.raises(BratsDataError, match=r"BraTS-GLI-00000-000_t1\.nii\.gz.*set data\.naming: brasyn"):
         SliceCache(tmp_path / "cache", brasyn, cfg, workers=0).ensure(["BraTS-GLI-00000-000"])

@@ -31,7 +31,7 @@ from vq.inference import Translator, synthesize
 from vq.labels import load_labels
 from vq.metrics import mean_and_std
 from vq.nifti import NiftiError, load_volume, save_like, to_intensity
-from vq.sequences import BRASYN_NAMES
+from vq.sequences import BRASYN_NAMES, SEG, SEQUENCES, file_naming, find_subject_file, subject_file
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,10 @@ COPY_FROM: dict[str, str] = {"t1n": "t1c", "t1c": "t1n", "t2w": "t2f", "t2f": "t
 """Copy baseline: the available sequence copied in place of each missing one (its neighbour)."""
 SCORE_COLUMNS = ["ssim_tumour", "ssim_nontumour", "psnr_tumour", "psnr_nontumour", "mse_tumour", "mse_nontumour"]
 CASE_COLUMNS = ["case", "dropped", "method", *SCORE_COLUMNS]
+READ_NAMINGS = ("brasyn", "brats2021")
+"""The namings a case folder is read in, BraSyn's own first."""
+SEQUENCE_OF: dict[str, str] = {suffix: seq for seq, suffix in BRASYN_NAMES.items()}
+"""BraSyn file suffix -> this project's sequence name."""
 
 
 class BrasynError(ValueError):
@@ -51,30 +55,13 @@ class BrasynError(ValueError):
 # ----------------------------------------------------------------------------- folders
 def case_files(folder: str | Path) -> dict[str, Path]:
     """The image files a case folder holds: {BraSyn suffix: path}, for BraSyn or BraTS2021 naming."""
-    folder = Path(folder)
-    case, found = folder.name, {}
-    for seq, suffix in BRASYN_NAMES.items():
-        for name in (f"{case}-{suffix}.nii.gz", f"{case}_{seq}.nii.gz", f"{case}-{suffix}.nii", f"{case}_{seq}.nii"):
-            if (folder / name).is_file():
-                found[suffix] = folder / name
-                break
-    return found
+    return {suffix: path for seq, suffix in BRASYN_NAMES.items()
+            if (path := find_subject_file(folder, seq, READ_NAMINGS))}
 
 
-def file_name(case: str, suffix: str, like: Path | None = None) -> str:
-    """The file name of a case's modality in the naming of `like` (a sibling file), BraSyn by default."""
-    if like is not None and like.name.startswith(f"{case}_"):
-        seq = {v: k for k, v in BRASYN_NAMES.items()}[suffix]
-        return f"{case}_{seq}.nii.gz"
-    return f"{case}-{suffix}.nii.gz"
-
-
-def seg_file(folder: str | Path) -> Path | None:
-    folder = Path(folder)
-    for name in (f"{folder.name}-seg.nii.gz", f"{folder.name}_seg.nii.gz"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
+def file_name(case: str, suffix: str, like: Path) -> str:
+    """The file name of a case's modality (BraSyn suffix) in the naming of `like`, a sibling file."""
+    return subject_file(case, SEQUENCE_OF[suffix], file_naming(like, case))
 
 
 def cases(root: str | Path) -> list[Path]:
@@ -93,11 +80,11 @@ def to_brasyn_names(src_root: str | Path, out_root: str | Path, prefix: str = "B
         case = f"{prefix}-{k:05d}-000"
         target = Path(out_root) / case
         target.mkdir(parents=True, exist_ok=True)
-        for seq, suffix in {**BRASYN_NAMES, "seg": "seg"}.items():
-            source = folder / f"{folder.name}_{seq}.nii.gz"
+        for kind in (*SEQUENCES, SEG):
+            source = folder / subject_file(folder.name, kind)
             if not source.is_file():
                 raise BrasynError(f"{source}: not found")
-            shutil.copy2(source, target / f"{case}-{suffix}.nii.gz")
+            shutil.copy2(source, target / subject_file(case, kind, "brasyn"))
         names.append(case)
     return names
 
@@ -154,7 +141,7 @@ def complete_folder(translator: Translator, in_root: str | Path, out_root: str |
             report[folder.name] = f"skipped: the available files differ in shape {sorted(shapes)}"
             log.warning("%s: %s", folder.name, report[folder.name])
             continue
-        missing_seq = {v: k for k, v in BRASYN_NAMES.items()}[absent[0]]
+        missing_seq = SEQUENCE_OF[absent[0]]
         out = synthesize(translator, {seq: v.data for seq, v in volumes.items()}, [missing_seq], percentile)
         name = file_name(folder.name, absent[0], first.path)
         path = Path(out_root) / (name if flat else f"{folder.name}/{name}")
@@ -216,7 +203,7 @@ def evaluate_folder(completed: str | Path, truth: str | Path, dropped: str | Pat
         plan = [(row["case"], row["dropped"]) for row in csv.DictReader(f)]
     inputs = []  # (case, dropped, real, segmentation, synthesised, copied): every file, found and read once first
     for case, suffix in tqdm(plan, desc="checking cases", dynamic_ncols=True, leave=False):
-        files, seg = case_files(truth / case), seg_file(truth / case)
+        files, seg = case_files(truth / case), find_subject_file(truth / case, SEG, READ_NAMINGS)
         if suffix not in files or seg is None:
             raise BrasynError(f"{truth / case}: no real {suffix} or no segmentation to score against")
         name = file_name(case, suffix, files[suffix])

@@ -15,7 +15,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,7 @@ from vq.inference import Translator
 from vq.labels import ContrastSpec, label_stack, load_labels, subject_labels
 from vq.metrics import (LPIPSMetric, brain_mask, contrast_scores, lpips_volume, mean_and_std, psnr, region_psnr,
                         ssim3d_regions)
-from vq.nifti import ras_shape, save_like, to_intensity
+from vq.nifti import open_image, ras_shape, save_like, to_intensity
 from vq.sequences import DISPLAY_NAMES, N_SEQ, SEG, SEQUENCES, available, missing, path_name, seq_index, subject_file
 from vq.viz import sample_grid, save_png, translation_figure
 
@@ -204,7 +203,7 @@ def eval_labels(root: Path, name: str, cfg: Config) -> SubjectLabels | None:
 
 def save_prediction(pred: torch.Tensor, root: Path, name: str, tr: Translation, cfg: Config, out: Path) -> Path:
     """Paste the (S,1,crop,crop) prediction into the source file's full grid and geometry."""
-    source = nib.load(str(subject_files(root, name, [tr.src], cfg.data.naming)[SEQUENCES[tr.src]]))  # the seg file is optional here
+    source = open_image(subject_files(root, name, [tr.src], cfg.data.naming)[SEQUENCES[tr.src]])  # the seg file is optional here
     full = np.zeros(ras_shape(source), dtype=np.float32)  # (X, Y, Z) in RAS, background 0
     x, y, z = full.shape
     # centred fitting undoes the centre crop (or pad), background -1 -> 0: (S,1,crop,crop) -> (S,X,Y)

@@ -9,12 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 
 from vq.dataloader.preprocess import central_slices, pad_or_crop
-from vq.nifti import NiftiError
+from vq.nifti import NiftiError, load_volume
 from vq.sequences import subject_file
 
 BRATS_LABELS: dict[str, int] = {"necrosis": 1, "oedema": 2, "enhancing": 4}
@@ -28,18 +27,11 @@ TISSUE_LABELS: dict[str, int] = {"csf": 1, "gm": 2, "wm": 3, "oedema": 4, "necro
 
 
 def load_labels(path: str | Path, allowed: tuple[int, ...] | None = (0, *BRATS_LABELS.values())) -> np.ndarray:
-    """A label map -> (X, Y, Z) uint8 in RAS+, as `vq.nifti.load_volume` orients images.
+    """A label map -> (X, Y, Z) uint8 in RAS+, read by `vq.nifti.load_volume` in the file's own dtype.
 
-    Not `load_volume`: a tumour-free segmentation is all zeros, which that rejects.
-    `allowed`: the labels a file may hold (None: any).
+    All zeros allowed: a tumour-free segmentation. `allowed`: the labels a file may hold (None: any).
     """
-    try:
-        image = nib.as_closest_canonical(nib.load(str(path)))
-        labels = np.squeeze(np.asarray(image.dataobj))
-    except Exception as err:  # nibabel raises several types for unreadable files
-        raise NiftiError(f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})") from None
-    if labels.ndim != 3:
-        raise NiftiError(f"{path}: expected a 3D label map, got shape {labels.shape}")
+    labels = load_volume(path, dtype=None, empty_ok=True).data
     if allowed is not None:
         unknown = sorted(set(np.unique(labels).tolist()) - set(allowed))
         if unknown:
@@ -56,7 +48,7 @@ def label_stack(labels: np.ndarray, n_slices: int, n: int, crop: int) -> torch.T
 
 def tissue_file(root: str | Path, name: str) -> Path | None:
     """The phantom's tissue map of a subject, or None where there is none (real data)."""
-    path = Path(root) / name / f"{name}_{TISSUE}.nii.gz"
+    path = Path(root) / name / subject_file(name, TISSUE)
     return path if path.is_file() else None
 
 

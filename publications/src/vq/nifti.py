@@ -1,4 +1,4 @@
-"""Reading and writing volumes with their geometry (affine and header kept).
+"""Reading and writing volumes with their geometry (affine and header kept): the one place NIfTI files are opened.
 
 Axial slices are taken along the last array axis of a volume in closest-canonical
 (RAS+) orientation, which is how BraTS files are stored. Volumes in any other
@@ -22,11 +22,16 @@ class NiftiError(ValueError):
     """A file that is missing, unreadable or unusable, named in the message."""
 
 
+_READ_ERRORS = (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, EOFError, OSError,
+                zlib.error, gzip.BadGzipFile, ValueError)
+"""What nibabel raises for a missing, truncated or foreign file."""
+
+
 @dataclass
 class Volume:
-    """A volume as float32 array in RAS+ orientation plus what it takes to write back."""
+    """A volume as an array in RAS+ orientation plus what it takes to write back."""
 
-    data: np.ndarray  # (X, Y, Z) float32, axial slices along Z
+    data: np.ndarray  # (X, Y, Z) float32 (label maps: the file's dtype), axial slices along Z
     image: nib.Nifti1Image  # the file's own image: affine, header, orientation
     path: Path
 
@@ -40,30 +45,45 @@ class Volume:
         return self.image.affine @ nib.orientations.inv_ornt_aff(_to_ras(self.image), self.image.shape[:3])
 
 
-def load_volume(path: str | Path, *, dtype=np.float32) -> Volume:
-    """Load a 3D NIfTI file, check it is finite and non-empty, reorient to RAS+.
+def open_image(path: str | Path) -> nib.Nifti1Image:
+    """A NIfTI file's image with its geometry; its voxels are read only when asked for (`load_volume`).
 
-    Raises NiftiError naming the file for anything a user can fix.
+    Raises NiftiError naming the file when it is missing or not NIfTI.
     """
     path = Path(path)
     if not path.is_file():
         raise NiftiError(f"{path}: file not found")
     try:
-        image = nib.load(str(path))
+        return nib.load(str(path))
+    except _READ_ERRORS as err:
+        raise _unreadable(path, err) from None
+
+
+def _unreadable(path: Path, err: Exception) -> NiftiError:
+    return NiftiError(f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})")
+
+
+def load_volume(path: str | Path, *, dtype=np.float32, empty_ok: bool = False) -> Volume:
+    """Load a 3D NIfTI file, check it is finite and (unless `empty_ok`) non-empty, reorient to RAS+.
+
+    `dtype`: of the returned data; None keeps the file's own (label maps, `vq.labels.load_labels`).
+    Raises NiftiError naming the file for anything a user can fix.
+    """
+    path = Path(path)
+    image = open_image(path)
+    try:
         data = np.asarray(image.dataobj, dtype=dtype)
-    except (nib.filebasedimages.ImageFileError, EOFError, OSError, zlib.error,
-            gzip.BadGzipFile, ValueError) as err:
-        raise NiftiError(f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})") from None
+    except _READ_ERRORS as err:
+        raise _unreadable(path, err) from None
     data = np.squeeze(data)
     if data.ndim != 3:
         hint = "" if data.ndim < 3 else "; take one volume out of the series first (e.g. fslroi)"
         raise NiftiError(f"{path}: expected a 3D volume, got a {data.ndim}D image of shape {data.shape}{hint}")
     if not np.isfinite(data).all():
         raise NiftiError(f"{path}: volume contains NaN or Inf values")
-    if not data.any():
+    if not empty_ok and not data.any():
         raise NiftiError(f"{path}: volume is all zeros")
-    ornt = _to_ras(image)
-    data = nib.orientations.apply_orientation(data, ornt)
+    data = nib.orientations.apply_orientation(data, _to_ras(image))
     return Volume(np.ascontiguousarray(data, dtype=dtype), image, path)
 
 

@@ -1,10 +1,14 @@
 """The MRI sequences, their order, and the availability codes of the data lists.
 
 One home for every fact about sequence names (docs/method.md, "Sequence index order
-everywhere"), the 4-bit availability codes 1..14 of the valid/test lists, and
-the "missing" pairing of training subjects (n mod 3).
+everywhere"), the file names of a subject's files (BraTS2021 or BraSyn naming), the
+4-bit availability codes 1..14 of the valid/test lists, and the "missing" pairing of
+training subjects (n mod 3).
 """
 from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
 
 SEQUENCES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 """Sequence names in index order: 0 = t1, 1 = t1ce (T1Gd), 2 = t2, 3 = flair."""
@@ -28,10 +32,27 @@ TRAIN_PAIRS: tuple[tuple[int, int], ...] = ((0, 1), (1, 2), (2, 3))
 
 
 def subject_file(subject: str, kind: str, naming: str = "brats2021") -> str:
-    """The file name of a subject's sequence (by name) or segmentation (`seg`) under a naming of NAMINGS."""
+    """The file name of a subject's sequence (by name), segmentation (`seg`) or other label map (its
+    suffix, e.g. the phantom's `tissue`) under a naming of NAMINGS."""
     if naming == "brasyn":
         return f"{subject}-{BRASYN_NAMES.get(kind, kind)}.nii.gz"
     return f"{subject}_{kind}.nii.gz"
+
+
+def find_subject_file(folder: str | Path, kind: str, namings: Iterable[str] = NAMINGS) -> Path | None:
+    """A subject's file of `kind` in its folder `<ID>/`, under the first of `namings` that has it,
+    `.nii.gz` before `.nii` (uncompressed) in any naming; None when there is none."""
+    folder = Path(folder)
+    names = [subject_file(folder.name, kind, naming) for naming in namings]
+    for name in names + [name.removesuffix(".gz") for name in names]:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def file_naming(path: str | Path, subject: str) -> str:
+    """The naming of NAMINGS a subject's file is in: BraTS2021's `<ID>_...`, else BraSyn's `<ID>-...`."""
+    return "brats2021" if Path(path).name.startswith(f"{subject}_") else "brasyn"
 
 
 def seq_index(name: str | int) -> int:

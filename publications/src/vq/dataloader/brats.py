@@ -46,7 +46,7 @@ from vq import nifti
 from vq.config import DataConfig
 from vq.dataloader.preprocess import Preprocessing, central_slices, normalize
 from vq.files import write_atomic
-from vq.sequences import NAMINGS, SEG, SEQUENCES, seq_index, subject_file
+from vq.sequences import NAMINGS, SEG, SEQUENCES, find_subject_file, seq_index, subject_file
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +101,10 @@ def subject_files(root: str | Path, name: str, kinds: Iterable[str | int] = FILE
         raise BratsDataError(f"subject {name}: folder {folder} not found")
     files, missing = {}, []
     for kind in map(_kind, kinds):
-        path = folder / subject_file(name, kind, naming)
-        if not path.is_file() and path.with_suffix("").is_file():
-            path = path.with_suffix("")
-        if path.is_file():
+        if path := find_subject_file(folder, kind, [naming]):
             files[kind] = path
         else:
-            missing.append(str(path))
+            missing.append(str(folder / subject_file(name, kind, naming)))
     if missing:
         other = next((n for n in NAMINGS if n != naming and (folder / subject_file(name, SEQUENCES[0], n)).is_file()), None)
         hint = f" (the folder's files are named as in {other}: set data.naming: {other})" if other else ""

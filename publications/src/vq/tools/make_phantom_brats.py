@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from vq.dataloader.lists import SPLITS, make_lists
 from vq.labels import BRATS_LABELS, TISSUE, TISSUE_LABELS
-from vq.sequences import SEG, SEQUENCES
+from vq.sequences import SEG, SEQUENCES, subject_file
 
 log = logging.getLogger(__name__)
 
@@ -345,9 +345,9 @@ def write_subject(index: int, seed: int, out_dir: Path, spacing: int = 1) -> str
     folder = Path(out_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
     affine = grid_affine(spacing)
-    for suffix in (*SEQUENCES, SEG):
-        _save(subject[suffix], folder / f"{name}_{suffix}.nii.gz", affine)
-    _save(tissue_map(subject), folder / f"{name}_{TISSUE}.nii.gz", affine)
+    for kind in (*SEQUENCES, SEG):
+        _save(subject[kind], folder / subject_file(name, kind), affine)
+    _save(tissue_map(subject), folder / subject_file(name, TISSUE), affine)
     return name
 
 
@@ -367,8 +367,8 @@ def is_complete(out_dir: str | Path, n: int, seed: int, spacing: int = 1) -> boo
     except (OSError, ValueError):
         return False
     files = [out_dir / f"{s}.csv" for s in SPLITS] + [
-        out_dir / name / f"{name}_{suffix}.nii.gz" for name in expected["subjects"]
-        for suffix in (*SEQUENCES, SEG, TISSUE)]
+        out_dir / name / subject_file(name, kind) for name in expected["subjects"]
+        for kind in (*SEQUENCES, SEG, TISSUE)]
     return all(f.is_file() for f in files)
 
 

@@ -18,8 +18,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
+from vq.labels import load_labels  # noqa: E402
 from vq.nifti import NiftiError, load_volume  # noqa: E402
-from vq.sequences import DISPLAY_NAMES, SEG, SEQUENCES  # noqa: E402
+from vq.sequences import DISPLAY_NAMES, SEG, SEQUENCES, subject_file  # noqa: E402
 
 log = logging.getLogger(__name__)
 # label 0 transparent, 1 necrosis red, 2 oedema green, 4 enhancing yellow (BraTS viewers' colours)
@@ -30,10 +31,10 @@ def plot_subject(folder: str | Path, out: str | Path, slice_index: int | None = 
     """Save sequences + labels of the subject in `folder` at one axial slice (default: most tumour)."""
     folder = Path(folder)
     name = folder.name
-    volumes = {s: load_volume(folder / f"{name}_{s}.nii.gz").data for s in SEQUENCES}
+    volumes = {s: load_volume(folder / subject_file(name, s)).data for s in SEQUENCES}
     try:
-        seg = np.rint(load_volume(folder / f"{name}_{SEG}.nii.gz").data).astype(np.uint8)
-    except NiftiError:  # missing, or all zero (load_volume refuses that): no tumour to show
+        seg = load_labels(folder / subject_file(name, SEG))
+    except NiftiError:  # missing or unreadable: no labels to show
         seg = None
     if slice_index is None:
         per_slice = (seg > 0).sum((0, 1)) if seg is not None else np.zeros(1)
