@@ -14,6 +14,7 @@ from torchvision.models.vgg import cfgs, make_layers
 from vq import metrics
 from vq.losses import PerceptualLoss, consistency_loss, ssim_loss
 from vq.metrics import LPIPSMetric, lpips_volume, psnr, ssim3d_regions
+from vq.speed import recomputed, wrap_forward
 from vq.weights import MissingWeightsError
 
 
@@ -112,21 +113,26 @@ def test_ssim3d_in_float32_is_the_float64_value_and_sees_noise():
 
 
 # ----------------------------------------------------------------------------- perceptual
+def perceptual(loss_fn, pred, target):
+    """Each prediction against its own target row: (B,) losses."""
+    return loss_fn(pred, loss_fn.target_features(target), torch.arange(len(pred)))
+
+
 def test_perceptual_loss_from_a_weights_file(vgg_file):
     loss_fn = PerceptualLoss(weights_path=vgg_file)
     target = images(2, 32)
     pred = images(2, 32, seed=3).requires_grad_(True)
-    assert float(loss_fn(target.clone(), target)) == pytest.approx(0.0, abs=1e-8)
-    loss = loss_fn(pred, target)
-    assert loss > 0
-    loss.backward()
+    assert perceptual(loss_fn, target.clone(), target).abs().max() < 1e-8
+    loss = perceptual(loss_fn, pred, target)
+    assert (loss > 0).all()
+    loss.sum().backward()
     assert pred.grad is not None and pred.grad.abs().sum() > 0
     assert all(p.grad is None and not p.requires_grad for p in loss_fn.parameters())
-    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in loss_fn.vgg)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in loss_fn.modules())
 
 
-def test_perceptual_per_sample_is_torchvision_vgg19s_feature_mse_per_row(vgg_file):
-    """`per_sample`, the form training uses: for each prediction, the sum over VGG19's 13 ReLU outputs
+def test_perceptual_loss_is_torchvision_vgg19s_feature_mse_per_row(vgg_file):
+    """The perceptual loss as training uses it: for each prediction, the sum over VGG19's 13 ReLU outputs
     (features[:30], max-pools as average pools) of the feature MSE against its target row (`index`),
     computed here on torchvision's own VGG19 with the same weights; activation checkpointing
     (`recompute`) changes nothing."""
@@ -150,24 +156,18 @@ def test_perceptual_per_sample_is_torchvision_vgg19s_feature_mse_per_row(vgg_fil
         want = sum(((p - t[index]) ** 2).flatten(1).mean(1) for p, t in zip(relu_outputs(preds), relu_outputs(target)))
     loss_fn = PerceptualLoss(weights_path=vgg_file)
     for recompute in (False, True):
-        loss_fn.recompute = recompute
-        got = loss_fn.per_sample(preds, loss_fn.target_features(target), index)
+        if recompute:
+            for block in loss_fn.blocks:
+                wrap_forward(block, recomputed)
+        got = loss_fn(preds.requires_grad_(recompute), loss_fn.target_features(target), index)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert len(relu_outputs(target)) == 13 and float(want.min()) > 0
-
-
-def test_perceptual_loss_list_of_preds_is_the_sum_with_shared_target_features(vgg_file):
-    loss_fn = PerceptualLoss(weights_path=vgg_file)
-    target, pred_a, pred_b = images(2, 32), images(2, 32, seed=4), images(2, 32, seed=5)
-    feats = loss_fn.target_features(target)
-    together = loss_fn([pred_a, pred_b], feats)
-    assert float(together) == pytest.approx(float(loss_fn(pred_a, target) + loss_fn(pred_b, target)), rel=1e-5)
 
 
 def test_perceptual_loss_random_weights_only_when_asked():
     with pytest.raises(ValueError, match="allow_random"):
         PerceptualLoss(pretrained=False)
-    assert PerceptualLoss(pretrained=False, allow_random=True)(images(), images(seed=1)) > 0
+    assert (perceptual(PerceptualLoss(pretrained=False, allow_random=True), images(), images(seed=1)) > 0).all()
 
 
 def test_missing_weights_name_the_file_and_the_fix(offline_hub, tmp_path):

@@ -235,7 +235,7 @@ def _one_step(phantom_dir, tmp_path, override: str, batch_size: int = 2):
     """Loss and gradients of one full-recipe step of a tiny paper-config model (fixed seeds) under `override`;
     also the model and the VGG19 the Recipe was given."""
     from vq.bench import full_recipe, synthetic_batch
-    from vq.runtime import apply_speed_switches
+    from vq.speed import apply_speed_switches
     from vq.losses import PerceptualLoss
 
     cfg = load_config(CONFIGS / "vqseq2seq_brats_2d_missing_3_256.yaml", tiny_overrides(phantom_dir, tmp_path)
@@ -260,9 +260,18 @@ def test_activation_checkpointing_changes_memory_not_the_result(phantom_dir, tmp
     (batch 5: the encoder sees 10 rows, the decoder and VGG 30): same loss, same gradients."""
     loss_a, grads_a, _, _ = _one_step(phantom_dir, tmp_path, "train.checkpointing=false", batch_size=5)
     loss_b, grads_b, model, perceptual = _one_step(phantom_dir, tmp_path, "train.checkpointing=true", batch_size=5)
-    assert model.decoder.recompute and perceptual.recompute
     assert torch.allclose(loss_a, loss_b, rtol=1e-5)
     _assert_same_gradients(grads_a, grads_b)
+    # it did recompute: 10 rows run a first layer of the encoder, the decoder and VGG19 in 2 chunks,
+    # and again in backward
+    target_feats = perceptual.target_features(torch.rand(10, 1, 32, 32))
+    calls, layers = [], (model.encoder.net[0][0], model.decoder.res[0].conv1, perceptual.blocks[0].layers[0])
+    for layer in layers:
+        layer.register_forward_hook(lambda module, args, out: calls.append((module, len(args[0]))))
+    latent = model.encoder(torch.rand(10, 1, 32, 32, requires_grad=True))
+    perceptual(model.decoder(latent, model.target_code(2, 10)), target_feats, torch.arange(10)).sum().backward()
+    for module in layers:
+        assert [rows for m, rows in calls if m is module] == [8, 2, 2, 8]  # chunks, then backward's recompute
 
 
 def test_channels_last_keeps_the_result(phantom_dir, tmp_path):
@@ -376,6 +385,7 @@ def test_the_step_is_the_same_with_the_decoder_grouped_by_code_on_the_host():
     pairs with all four codes, VQC sampling, the contrastive and perceptual terms on)."""
     from vq.bench import synthetic_batch
     from vq.losses import PerceptualLoss
+    from vq.speed import grouped_by_code, wrap_forward
 
     cfg = load_config(CONFIGS / "vqseq2seq_brats_2d_missing_3_256.yaml",
                       ["model.base_channels=4", "model.n_res=1", "model.n_kernels=2", "model.n_embed=16",
@@ -386,7 +396,8 @@ def test_the_step_is_the_same_with_the_decoder_grouped_by_code_on_the_host():
     for group_by_code in (False, True):
         torch.manual_seed(0)
         model = build_model(cfg.model)
-        model.decoder.group_by_code = group_by_code
+        if group_by_code:
+            wrap_forward(model.decoder, grouped_by_code)
         recipe = Recipe(model, cfg, PerceptualLoss(pretrained=False, allow_random=True))
         torch.manual_seed(1)
         loss, stats, _ = recipe(batch["src"], batch["tgt"], batch["src_idx"], batch["tgt_idx"], Phase.at(cfg, 201))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,7 +20,6 @@ from torch import Tensor, nn
 from torchvision.models import VGG19_Weights
 from torchvision.models.vgg import cfgs, make_layers
 
-from .runtime import in_chunks, run_block
 from .weights import MissingWeightsError, load_pretrained_state
 
 log = logging.getLogger(__name__)
@@ -58,14 +56,18 @@ def ssim_loss(pred: Tensor, target: Tensor, win: int = 7, k1: float = 0.01, k2: 
 
 
 # ----------------------------------------------------------------------------- perceptual
-def perceptual_loss_for(cfg, device: torch.device) -> "PerceptualLoss | None":
+def perceptual_loss_for(cfg, device: torch.device, untrained_if_missing: bool = False) -> "PerceptualLoss | None":
     """The perceptual network a run trains with: None with train.lambda_per 0; a missing VGG19 file
-    stops the run at start-up, naming the way round it."""
+    stops the run at start-up, naming the way round it. `untrained_if_missing` (benchmarks): without the file,
+    an untrained VGG19 of the same shape, which costs the same time and FLOPs (logged)."""
     if cfg.train.lambda_per <= 0:
         return None
     try:
         return PerceptualLoss(weights_path=cfg.train.vgg_weights).to(device)
     except MissingWeightsError as err:
+        if untrained_if_missing:
+            log.warning("%s: timing an untrained VGG19 of the same shape", err)
+            return PerceptualLoss(pretrained=False, allow_random=True).to(device)
         raise MissingWeightsError(f"{err}; or train without the perceptual loss: --set train.lambda_per=0") from None
 
 
@@ -77,9 +79,8 @@ class PerceptualLoss(nn.Module):
     reference does. Inputs in [-1, 1] are mapped to [0, 1], the single channel is
     repeated to RGB and ImageNet-normalised. VGG is frozen (no grads, eval mode).
 
-    Several predictions against one clean target: pass them as a list, and/or
-    pass `target_features(target)` instead of the target so its features are
-    computed once; `forward` returns the SUM of the per-prediction losses.
+    The clean targets' features are computed once (`target_features`) and shared by
+    the predictions compared with them; `forward` gives one loss per prediction.
     """
 
     n_layers = 30
@@ -88,6 +89,7 @@ class PerceptualLoss(nn.Module):
                  allow_random: bool = False):
         super().__init__()
         features = make_layers(cfgs["E"])[: self.n_layers]  # VGG19 `features` without the classifier
+        self.pretrained = pretrained
         if pretrained:
             state = load_pretrained_state(VGG19_Weights.IMAGENET1K_V1, weights_path,
                                           purpose="VGG19 ImageNet weights for the perceptual loss",
@@ -100,15 +102,15 @@ class PerceptualLoss(nn.Module):
         else:
             raise ValueError("PerceptualLoss(pretrained=False) needs allow_random=True (benchmarks/tests only)")
         layers = [nn.AvgPool2d(m.kernel_size, m.stride) if isinstance(m, nn.MaxPool2d) else m for m in features]
-        self.vgg = nn.Sequential(*layers).eval().requires_grad_(False)
-        self.recompute = False
-        """Activation checkpointing per VGG block in `per_sample` (train.checkpointing)."""
+        starts = [0] + [k for k, m in enumerate(layers) if isinstance(m, nn.AvgPool2d)]  # a block ends at a pool
+        self.blocks = nn.ModuleList(VGGBlock(layers[a:b]) for a, b in zip(starts, starts[1:] + [len(layers)]))
+        self.blocks.eval().requires_grad_(False)
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.vgg.eval()  # frozen feature extractor, whatever the caller's mode
+        self.blocks.eval()  # frozen feature extractor, whatever the caller's mode
         return self
 
     def _input(self, images: Tensor) -> Tensor:
@@ -119,7 +121,7 @@ class PerceptualLoss(nn.Module):
         """(B, 1, H, W) in [-1, 1] -> the 13 ReLU outputs, (B, C_l, H_l, W_l) each."""
         x = self._input(images)
         out = []
-        for layer in self.vgg:
+        for layer in (layer for block in self.blocks for layer in block.layers):
             x = layer(x)
             if isinstance(layer, nn.ReLU):
                 out.append(x)  # the in-place ReLU's output is not modified by later layers
@@ -130,61 +132,36 @@ class PerceptualLoss(nn.Module):
         """Features of a clean target, to reuse across the predictions that share it."""
         return self.features(target)
 
-    def per_sample(self, preds: Tensor, target_feats: list[Tensor], index: Tensor | None = None) -> Tensor:
-        """(N, 1, H, W) predictions vs precomputed target features -> (N,) losses.
+    def forward(self, preds: Tensor, target_feats: list[Tensor], index: Tensor) -> Tensor:
+        """(N, 1, H, W) predictions vs `target_features` of the clean targets -> (N,) losses.
 
-        `index`: (N,) the target row of each prediction (None: row n for prediction n).
-        The rows are gathered layer by layer inside the blocks, so the N-row copies of
-        the target features never all exist at once. Runs VGG block by block (a block
-        ends at a pooling layer), each block returning its output and its layers'
-        losses, so that with `recompute` only the block inputs are kept for backward;
-        then predictions also go through in chunks of rows (`in_chunks`, as the encoder
-        and decoder do), which bounds the activations recomputed at any one time.
+        `index`: (N,) the target row of each prediction. Runs VGG block by block, each block
+        returning its output and its layers' losses: the rows of the target features are
+        gathered inside a block, so the N-row copies never all exist at once.
         """
-        if index is None:
-            index = torch.arange(len(preds), device=preds.device)
-        return in_chunks(lambda rows, rows_index: self._per_sample(rows, target_feats, rows_index),
-                         preds, index, recompute=self.recompute)
-
-    def _per_sample(self, preds: Tensor, target_feats: list[Tensor], index: Tensor) -> Tensor:
         x, loss, feats = self._input(preds), 0.0, iter(target_feats)
-        for block in self._blocks():
-            targets = [next(feats) for layer in block if isinstance(layer, nn.ReLU)]
-            x, part = run_block(_block_loss, block, x, index, *targets, recompute=self.recompute)
+        for block in self.blocks:
+            x, part = block(x, index, *[next(feats) for _ in range(block.n_relu)])
             loss = loss + part
         return loss
 
-    def _blocks(self) -> list[list[nn.Module]]:
-        blocks, current = [], []
-        for layer in self.vgg:
-            if isinstance(layer, nn.AvgPool2d) and current:
-                blocks.append(current)
-                current = []
-            current.append(layer)
-        return blocks + [current]
 
-    def forward(self, preds: Tensor | Sequence[Tensor], target: Tensor | list[Tensor]) -> Tensor:
-        """preds: (B, 1, H, W) or a list of n of them; target: (B, 1, H, W) or its features -> scalar."""
-        preds = [preds] if isinstance(preds, Tensor) else list(preds)
-        tgt_feats = self.target_features(target) if isinstance(target, Tensor) else target
-        n = len(preds)
-        pred_feats = self.features(torch.cat(preds))  # one VGG pass for all n predictions
-        loss = 0.0
-        for p, t in zip(pred_feats, tgt_feats):
-            p = p.float().unflatten(0, (n, -1))  # (n*B, C, h, w) -> (n, B, C, h, w)
-            loss = loss + n * (p - t.float().unsqueeze(0)).pow(2).mean()  # n x mean = sum over preds
-        return loss
+class VGGBlock(nn.Module):
+    """VGG layers up to a pooling layer and their part of the perceptual loss."""
 
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.Sequential(*layers)
+        self.n_relu = sum(isinstance(layer, nn.ReLU) for layer in layers)
 
-def _block_loss(layers: list[nn.Module], x: Tensor, index: Tensor, *targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Run VGG layers; at each ReLU the per-sample feature MSE against the next target's rows `index`:
-    -> (x, (N,) loss)."""
-    loss, targets = 0.0, iter(targets)
-    for layer in layers:
-        x = layer(x)
-        if isinstance(layer, nn.ReLU):
-            loss = loss + (x.float() - next(targets)[index].float()).pow(2).flatten(1).mean(1)
-    return x, loss
+    def forward(self, x: Tensor, index: Tensor, *targets: Tensor) -> tuple[Tensor, Tensor]:
+        """At each ReLU, the per-sample feature MSE against the next target's rows `index`: -> (x, (N,) loss)."""
+        loss, targets = 0.0, iter(targets)
+        for layer in self.layers:
+            x = layer(x)
+            if isinstance(layer, nn.ReLU):
+                loss = loss + (x.float() - next(targets)[index].float()).pow(2).flatten(1).mean(1)
+        return x, loss
 
 
 # ----------------------------------------------------------------------------- consistency

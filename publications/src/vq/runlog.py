@@ -20,7 +20,7 @@ from vq.viz import plot_progress, save_png
 
 log = logging.getLogger("train")
 LOG_COLUMNS = ["step", "epoch", "lr", "loss", "l1", "ssim", "per", "vq", "con", "perplexity", "usage",
-               "slices_per_s", "val_psnr", "val_psnr_brain", "val_latent_gap", "skipped", "elapsed_s"]
+               "slices_per_s", "data_wait_share", "val_psnr", "val_psnr_brain", "val_latent_gap", "skipped", "elapsed_s"]
 """log.csv's columns: a row per `train.log_every` steps (the training statistics) and one per validation."""
 
 
@@ -67,6 +67,31 @@ class RunLog:
         if self.active:
             self.file.close()
             self.writer.close()
+
+
+class DataWait:
+    """The batches of a loader, timing how long the loop waited for each (the time spent in `next`)."""
+
+    def __init__(self, loader):
+        self.loader, self.seconds = loader, 0.0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            tic = time.perf_counter()
+            batch = next(batches, None)
+            self.seconds += time.perf_counter() - tic
+            if batch is None:
+                return
+            yield batch
+
+    def take(self) -> float:
+        """Seconds waited since the last call."""
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
 
 
 def read_columns(log_path: Path) -> list[str]:

@@ -1,12 +1,8 @@
-"""Devices, mixed precision, seeding and the speed switches: what every script needs before it runs a model.
-
-The speed switches of a run (`train.checkpointing`, `train.channels_last`) change memory and
-layout, never values; `apply_speed_switches` turns them on where the run is set up.
-"""
+"""Devices, mixed precision and seeding: what every script needs before it runs a model.
+(The speed switches that change memory and layout, never values, are `vq.speed`'s.)"""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import platform
@@ -15,7 +11,6 @@ import re
 
 import numpy as np
 import torch
-from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -41,26 +36,6 @@ def resolve_device(name: str) -> torch.device:
     if text == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise DeviceError("device 'mps' requested but MPS is not available on this machine; use -d cpu")
     return torch.device(text)
-
-
-def return_freed_memory() -> bool:
-    """Make glibc's malloc hand every freed block of 1 MiB or more back to the OS at once.
-
-    By default glibc raises its mmap threshold up to 32 MiB as large blocks are freed, so
-    tensors below that size later come from the heap, whose free space the process keeps:
-    the resident set then grows well past what the tensors need (measured at batch 8 with
-    activation checkpointing: the decoder's chunks of 8 rows are 19-75 MB). A fixed
-    threshold costs some speed in page faults, so only the memory-saving mode asks for it.
-    Returns False where malloc is not glibc's (nothing changes there).
-    """
-    if platform.system() != "Linux":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_mmap_threshold = -3  # <malloc.h>; setting it also stops glibc's dynamic adjustment
-        return bool(libc.mallopt(m_mmap_threshold, 1 << 20))
-    except (OSError, AttributeError):
-        return False
 
 
 def cpu_bf16_units() -> str | None:
@@ -118,76 +93,6 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
-    """Put a module's 4-D parameters and buffers in channels_last, in place; returns it.
-
-    `module.to(memory_format=torch.channels_last)` fails on the hyper-convs'
-    5-D kernel banks (channels_last needs rank 4); their mixed kernels are 4-D
-    and `F.conv2d` takes the input's layout.
-    """
-    for tensor in [*module.parameters(), *module.buffers()]:
-        if tensor.dim() == 4:
-            tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
-    return module
-
-
-RECOMPUTE_CHUNK = 8
-"""Rows per chunk under activation checkpointing (see `in_chunks`)."""
-
-
-def run_block(block, *args, recompute: bool = False):
-    """block(*args); with `recompute`, under autograd, through activation checkpointing:
-    only the block's inputs are kept and its forward runs again in backward."""
-    if recompute and torch.is_grad_enabled():
-        return checkpoint(block, *args, use_reentrant=False)
-    return block(*args)
-
-
-def in_chunks(fn, *tensors: torch.Tensor, recompute: bool = False) -> torch.Tensor:
-    """fn(*tensors), batch row by row independent; with `recompute`, under autograd, run in
-    chunks of RECOMPUTE_CHUNK rows. Every layer here is per sample (convs, InstanceNorm,
-    upsampling), so the result is the same; but backward then finishes one chunk before it
-    recomputes the next, and the activations recomputed at any one time are a chunk's, not
-    the whole batch's (a step decodes 6x its batch)."""
-    if not (recompute and torch.is_grad_enabled()) or len(tensors[0]) <= RECOMPUTE_CHUNK:
-        return fn(*tensors)
-    return torch.cat([fn(*parts) for parts in zip(*(t.split(RECOMPUTE_CHUNK) for t in tensors))])
-
-
-def apply_speed_switches(checkpointing: bool, channels_last: bool, model: torch.nn.Module,
-                         perceptual: torch.nn.Module | None = None, sync_free: bool = True) -> None:
-    """train.checkpointing: activation checkpointing of the model's encoder and decoder and of
-    VGG19's blocks, plus glibc's fixed mmap threshold on CPU (`return_freed_memory`);
-    train.channels_last: the model's and VGG19's 4-D weights in channels_last;
-    train.sync_free false: the decoder groups a batch by target code on the host."""
-    model.decoder.group_by_code = not sync_free
-    if checkpointing:
-        model.set_checkpointing(True)
-        if perceptual is not None:
-            perceptual.recompute = True
-        if next(model.parameters()).device.type == "cpu":
-            return_freed_memory()
-    if channels_last:
-        for module in (model, perceptual):
-            if module is not None:
-                to_channels_last(module)
-
-
-def capture_cuda_graph(step, warmup=None) -> torch.cuda.CUDAGraph:
-    """`step()` recorded as a CUDA graph (not run), after `warmup()` (default: `step`) ran three
-    times on a side stream, where cuDNN picks its algorithms and the allocator settles."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            (warmup or step)()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
 
 
 def seed_everything(seed: int) -> None:

@@ -21,7 +21,8 @@ from vq.config import Config, TrainConfig
 from vq.dataloader.augment import IntensityAugment
 from vq.losses import PerceptualLoss, consistency_loss, ssim_loss
 from vq.models import build_model, sample_latent
-from vq.runtime import apply_speed_switches, autocast, capture_cuda_graph, seed_everything
+from vq.runtime import autocast, seed_everything
+from vq.speed import GraphedStep, Undo, apply_speed_switches
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ class Recipe(nn.Module):
                                for is_tgt in (1, 0, 0, 1, 0, 1)[:n_out]])
             with autocast(device, amp):
                 feats = self.perceptual.target_features(torch.cat([src, tgt]))  # clean targets, once
-                per = (w * self.perceptual.per_sample(out, feats, index)).sum() / batch
+                per = (w * self.perceptual(out, feats, index)).sum() / batch
             parts["per"] = per
             loss = loss + cfg.lambda_per * per
         if enc.indices is not None:  # a quantizer (with train.quantizer_warmup: 0 while it is bypassed)
@@ -257,8 +258,8 @@ class Training:
     """(len(keys),) the statistics of the last step taken."""
     bad_values: torch.Tensor | None = None
     """(len(keys),) the statistics of the first step with a non-finite loss."""
-    graphs: dict = field(default_factory=dict)
-    """Phase -> (CUDA graph, its static batch), with train.cuda_graph."""
+    graphed: GraphedStep | None = None
+    """With train.cuda_graph: the step, captured once per phase and replayed."""
 
 
 def build_training(cfg: Config, device: torch.device, model: nn.Module | None = None,
@@ -292,7 +293,8 @@ def build_training(cfg: Config, device: torch.device, model: nn.Module | None = 
                          "train.checkpointing=false and train.sync_free not false")
     optimizer = make_optimizer(model, cfg, capturable=device.type == "cuda")
     counts = torch.tensor([start_step, 0, -1], device=device)
-    return Training(cfg, model, recipe, optimizer, loss_fn, eager_fn, counts, sync_free)
+    return Training(cfg, model, recipe, optimizer, loss_fn, eager_fn, counts, sync_free,
+                    graphed=GraphedStep() if t.cuda_graph else None)
 
 
 def resolve_sync_free(train: TrainConfig, device: torch.device) -> bool:
@@ -337,20 +339,18 @@ def train_step(run: Training, batch: dict[str, torch.Tensor], phase: Phase) -> N
     every log row, checkpoint and validation, so no such weights are saved.
     With train.cuda_graph the step is captured once per phase and replayed.
     """
-    if run.cfg.train.cuda_graph:
-        graph, static = run.graphs.get(phase) or _capture(run, batch, phase)
-        for key, value in static.items():
-            value.copy_(batch[key])
-        graph.replay()
+    skip = run.cfg.train.skip_degenerate
+    if run.graphed is not None:  # the warm-up steps before the capture are undone: they change no weight
+        run.graphed(phase, batch, lambda static: _step(run, static, phase, skip),
+                    warmup=lambda static: _step(run, static, phase, undoable=True, force_skip=True))
         return
-    _step(run, batch, phase, run.cfg.train.skip_degenerate)
+    _step(run, batch, phase, skip)
 
 
 def _step(run: Training, batch: dict[str, torch.Tensor], phase: Phase, undoable: bool,
           force_skip: bool = False) -> None:
     on_host, undoable = undoable and not run.sync_free, undoable and run.sync_free
-    state = _state_tensors(run) if undoable else []
-    before = [t.clone() for t in state]
+    undo = Undo(run.model, run.optimizer) if undoable else None
     quantizer = run.model.quantizer
     loss_fn = run.eager_fn if quantizer is not None and quantizer.init_pending else run.loss_fn
     loss, stats, ok = loss_fn(batch["src"], batch["tgt"], batch["src_idx"], batch["tgt_idx"], phase)
@@ -366,21 +366,9 @@ def _step(run: Training, batch: dict[str, torch.Tensor], phase: Phase, undoable:
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()
-    if undoable:
-        after = _state_tensors(run)  # the optimizer's state exists after its first step
-        before += [torch.zeros_like(t) for t in after[len(before):]]  # AdamW's initial state is 0
-        for tensor, old in zip(after, before):
-            tensor.copy_(torch.where(ok, tensor, old))
+    if undo is not None:
+        undo.unless(ok)
     _record(run, stats, loss, ok)
-
-
-def _state_tensors(run: Training) -> list[torch.Tensor]:
-    """Everything a step changes: weights, buffers (codebook counters), optimizer state."""
-    model = run.model
-    state = [t.detach() for t in [*model.parameters(), *model.buffers()]]
-    for p in model.parameters():
-        state += [v for v in run.optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
-    return state
 
 
 def _record(run: Training, stats: dict[str, torch.Tensor], loss: torch.Tensor, ok: torch.Tensor) -> None:
@@ -404,17 +392,3 @@ def read_stats(run: Training) -> tuple[int, int, dict[str, float]]:
         bad = {k: round(v, 4) for k, v in zip(run.keys, run.bad_values.tolist())}
         raise FloatingPointError(f"non-finite loss at step {first_bad} ({bad})")
     return step, skipped, dict(zip(run.keys, values))
-
-
-def _capture(run: Training, batch: dict[str, torch.Tensor], phase: Phase):
-    """Capture one training step of this phase as a CUDA graph on a static copy of the batch.
-
-    The warm-up steps before the capture are undone, so that they change no weight; capturing
-    records the step without running it. The lr is a device tensor (`make_optimizer(capturable=True)`),
-    so `set_lr` reaches the replays.
-    """
-    static = {key: batch[key].clone() for key in ("src", "tgt", "src_idx", "tgt_idx")}
-    graph = capture_cuda_graph(lambda: _step(run, static, phase, run.cfg.train.skip_degenerate),
-                               warmup=lambda: _step(run, static, phase, undoable=True, force_skip=True))
-    run.graphs[phase] = graph, static
-    return graph, static

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..runtime import in_chunks, run_block
 from ..sequences import N_SEQ, seq_index
 from .hyperconv import HyperConv2d
 from .quantizer import VectorQuantizer
@@ -61,16 +60,9 @@ class Encoder(nn.Module):
         layers += [ResBlock(ch) for _ in range(n_res)]
         self.net = nn.Sequential(*layers)
         self.out_channels = ch
-        self.recompute = False
-        """Activation checkpointing per layer (train.checkpointing)."""
 
     def forward(self, x):
-        return in_chunks(self._forward, x, recompute=self.recompute)
-
-    def _forward(self, x):
-        for layer in self.net:
-            x = run_block(layer, x, recompute=self.recompute)
-        return x
+        return self.net(x)
 
 
 class HyperResBlock(nn.Module):
@@ -113,28 +105,12 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(HyperUp(ch // 2**i, code_dim, n_kernels) for i in range(n_down))
         # the only hyper-conv with a bias: every other one is followed by InstanceNorm, which removes it
         self.out = HyperConv2d(base_channels, 1, 7, code_dim, n_kernels, bias_mix=hyper_bias)
-        self.recompute = False
-        """Activation checkpointing per block (train.checkpointing)."""
-        self.group_by_code = False
-        """Decode a batch of mixed codes group by group (one host read of the groups; 1.5x faster on a
-        CPU, where the read costs nothing) instead of as one grouped convolution (`HyperConv2d`)."""
 
     def forward(self, x, code):
-        if len(code) == 1:  # one target for the batch: chunks share the code row
-            return in_chunks(lambda rows: self._forward(rows, code), x, recompute=self.recompute)
-        if self.group_by_code:
-            codes, inverse = torch.unique(code, dim=0, return_inverse=True)  # (G, code_dim), (B,)
-            if len(codes) < len(code):  # rows of one code decode together: one ordinary conv per group
-                order = inverse.argsort(stable=True)
-                groups = x[order].split(torch.bincount(inverse).tolist())
-                return torch.cat([self(rows, codes[g:g + 1]) for g, rows in enumerate(groups)])[order.argsort()]
-        return in_chunks(self._forward, x, code, recompute=self.recompute)
-
-    def _forward(self, x, code):
         code = self.embed(code)  # (1 or B, code_dim)
         for block in [*self.res, *self.up]:
-            x = run_block(block, x, code, recompute=self.recompute)
-        return run_block(self.out, x, code, recompute=self.recompute).tanh()  # (B, 1, H, W)
+            x = block(x, code)
+        return self.out(x, code).tanh()  # (B, 1, H, W)
 
 
 class Encoded(NamedTuple):
@@ -188,10 +164,6 @@ class VQSeq2Seq(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
-
-    def set_checkpointing(self, enabled: bool) -> None:
-        """Activation checkpointing in encoder and decoder: less memory, about a third more compute."""
-        self.encoder.recompute = self.decoder.recompute = enabled
 
     def target_code(self, target: Target, batch_size: int | None = None,
                     device: torch.device | str | None = None) -> torch.Tensor:

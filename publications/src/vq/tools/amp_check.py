@@ -18,14 +18,14 @@ from collections.abc import Iterable
 
 import torch
 
-from vq.bench import data_rows, loader_batches, perceptual_for
 from vq.cli import add_set_arg, run_main
 from vq.config import Config, load_config, resolve_path
 from vq.dataloader.brats import SliceCache
 from vq.dataloader.datasets import make_train_loader, validation_stacks
 from vq.evaluation import translation_psnr
 from vq.inference import Translator
-from vq.losses import PerceptualLoss
+from vq.dataloader.lists import read_list
+from vq.losses import PerceptualLoss, perceptual_loss_for
 from vq.runtime import amp_dtype, resolve_device
 from vq.training import Phase, build_training, poly_lr, set_lr, train_step
 
@@ -49,6 +49,24 @@ def train_then_validate(cfg: Config, device: torch.device, amp: torch.dtype | No
     return total / count
 
 
+def data_rows(cfg: Config, split: str) -> list[tuple[str, int]] | None:
+    """Subjects of a split of the config's data; None (and a warning) when there is none."""
+    root, path = resolve_path(cfg.data.root), cfg.lists_dir / f"{split}.csv"
+    if not root.is_dir() or not path.is_file():
+        log.warning("no %s list at %s for data.root=%s (make_data_list.py makes it)", split, path, cfg.data.root)
+        return None
+    return read_list(path)
+
+
+def loader_batches(loader):
+    """Batches of the training loader over consecutive epochs, as the training loop draws them."""
+    epoch = 0
+    while True:
+        loader.sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
 def amp_check(cfg: Config, device: torch.device, amp: torch.dtype, steps: int) -> dict[str, float]:
     """Validation PSNR (dB) after `steps` training steps from the same seed in fp32 and in `amp`:
     -> {"fp32": psnr, "mixed": psnr}."""
@@ -59,7 +77,7 @@ def amp_check(cfg: Config, device: torch.device, amp: torch.dtype, steps: int) -
     cache.ensure([name for name, _ in valid_rows])
     loader = make_train_loader(cfg, cache, train_rows, seed=cfg.seed)
     valid = validation_stacks(cache, valid_rows, cfg.train.val_slices)
-    perceptual, _ = perceptual_for(cfg, device)
+    perceptual = perceptual_loss_for(cfg, device, untrained_if_missing=True)
     per_epoch = loader.sampler.batches_per_epoch
 
     def batches():

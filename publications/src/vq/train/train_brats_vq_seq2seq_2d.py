@@ -29,7 +29,7 @@ from vq.evaluation import validate, validation_grid, validation_row
 from vq.inference import Translator
 from vq.losses import perceptual_loss_for
 from vq.models import build_model
-from vq.runlog import RunLog
+from vq.runlog import DataWait, RunLog
 from vq.runtime import amp_dtype, device_name, resolve_device, seed_everything
 from vq.training import (Phase, WeightAverage, build_training, poly_lr, read_stats, set_lr, to_device, train_step,
                          warmup_factor)
@@ -71,14 +71,14 @@ def train(args) -> int:
 
 
 def train_loop(args, cfg, run_dir, ddp, device, data) -> int:
-    if not ddp.is_main:
-        logging.getLogger().setLevel(logging.WARNING)  # one voice in the console
+    logging.getLogger().setLevel(logging.INFO if ddp.is_main else logging.WARNING)  # one voice in the console
     t, amp = cfg.train, amp_dtype(device, cfg.train.amp)
     seed_everything(cfg.seed)
     log.info("run folder %s | device %s (%s) | autocast %s | %d process(es)", run_dir, device, device_name(device),
              amp, ddp.world_size)
     cache, train_rows, valid_rows = data
     loader = make_train_loader(cfg, cache, train_rows, seed=cfg.seed, distributed=ddp.enabled)
+    batches = DataWait(loader)  # the loader, timing the loop's wait for data (log.csv data_wait_share)
     reference = intensity_reference(cache, train_rows, cfg.data.missing)  # saved with every checkpoint
     valid = validation_stacks(cache, valid_rows, t.val_slices)
     my_valid = dict(list(valid.items())[ddp.rank::ddp.world_size])  # each rank validates its share
@@ -124,11 +124,11 @@ def train_loop(args, cfg, run_dir, ddp, device, data) -> int:
             lr, phase = poly_lr(cfg, pos.epoch), Phase.at(cfg, pos.epoch)
             set_lr(optimizer, lr)
             loader.sampler.set_epoch(pos.epoch, start=pos.in_epoch)  # > 0 only when resumed mid-epoch
-            bar = tqdm(loader, desc=f"epoch {pos.epoch}", leave=False, dynamic_ncols=True, disable=not ddp.is_main)
+            bar = tqdm(batches, desc=f"epoch {pos.epoch}", leave=False, dynamic_ncols=True, disable=not ddp.is_main)
             # Steps are queued without waiting for the device; the count is read (one sync) only where the
             # loop needs it. `queued` steps since the last read: the count is at most step + queued (a
             # degenerate batch is not counted), so a read at `due` never overshoots an event.
-            due, queued, tic, tic_step = next_due(pos.step), 0, time.perf_counter(), pos.step
+            due, queued, tic, tic_step, _ = next_due(pos.step), 0, time.perf_counter(), pos.step, batches.take()
             for batch in bar:
                 if t.warmup_steps and pos.step + queued <= t.warmup_steps:
                     set_lr(optimizer, lr * warmup_factor(cfg, pos.step + queued))
@@ -143,8 +143,9 @@ def train_loop(args, cfg, run_dir, ddp, device, data) -> int:
                 queued = 0
                 if pos.step == due:
                     toc = time.perf_counter()
-                    stats.update(skipped=skipped, slices_per_s=(pos.step - tic_step) * t.batch_size * ddp.world_size
-                                 / max(toc - tic, 1e-9))
+                    seconds = max(toc - tic, 1e-9)
+                    stats.update(skipped=skipped, data_wait_share=batches.take() / seconds,
+                                 slices_per_s=(pos.step - tic_step) * t.batch_size * ddp.world_size / seconds)
                     tic, tic_step = toc, pos.step
                     bar.set_postfix(step=pos.step, loss=f"{stats['loss']:.3f}", l1=f"{stats['l1']:.3f}",
                                     sps=f"{stats['slices_per_s']:.1f}")
