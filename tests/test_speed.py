@@ -110,6 +110,9 @@ def test_benchmark_writes_the_documented_json(phantom_dir, tmp_path, monkeypatch
         flops = record["flops_per_slice"][row["task"]]
         peak = record["peak_tflops"][row["precision"]] * 1e12
         assert row["utilisation"] == pytest.approx(row["slices_per_s"] * flops / peak)
+        # a tiny model against a 512^3 matmul peak: a sane ratio, not a target (a FLOP count off by a
+        # factor of two or more would break it)
+        assert 0 < row["utilisation"] < 2.0
     # a training step costs more than a translation (two encodings, six decodings, backward)
     assert record["flops_per_slice"]["train"] > 5 * record["flops_per_slice"]["infer"]
     assert "| vqseq2seq_brats_2d_missing_3_256.yaml | train | mixed | " in out.with_suffix(".md").read_text()
@@ -398,6 +401,8 @@ def test_the_profile_shows_where_each_mode_spends_its_time(tmp_path, monkeypatch
     (["-o", "out"], "-o/--out-dir and --rows go with --profile"),
     (["--rows", "5"], "-o/--out-dir and --rows go with --profile"),
     (["--profile", "eager", "--json", "x.json"], "--profile runs alone"),
+    (["--profile", "eager", "--batches", "2"], "--profile runs alone"),
+    (["--profile", "eager", "--modes", "all"], "--profile runs alone"),
     (["--profile", "eager", "--rows", "0"], "--steps, --peak-size, --rows and --batches must be >= 1"),
     (["--batches", "0"], "--steps, --peak-size, --rows and --batches must be >= 1")])
 def test_profile_flags_that_would_be_ignored_stop_the_run(flags, says, capsys):
@@ -451,5 +456,38 @@ def test_the_loop_counts_the_time_it_waits_for_data_and_not_its_own():
     assert len(batches) == 3
     for _ in batches:
         time.sleep(0.2)  # the step: not waiting for data
-    assert 0.15 <= batches.take() < 0.3
+    assert 0.15 <= batches.take() < 0.45  # the steps took 0.6 s
     assert batches.take() == 0.0  # taken: counting starts again
+
+
+def test_mixed_precision_alone_on_a_cpu_without_bf16_units_is_refused(monkeypatch, caplog):
+    """Nothing to time: the CPU trains in fp32, so the benchmark says so instead of writing an empty table."""
+    monkeypatch.setattr(runtime, "cpu_bf16_units", lambda: None)
+    code = benchmark_main(["-d", "cpu", "-c", str(CONFIGS / "demo_phantom_cpu.yaml"), "--precision", "mixed"])
+    assert code == 2 and "no bf16 units" in caplog.text
+
+
+def test_speed_strategies_keep_the_weights_and_apply_once():
+    """`apply_speed_switches` from outside: state_dict keys and values as before (checkpoints load either
+    way), a deep copy (the weight average) keeps the strategy, and switching twice (a VGG19 shared by the
+    benchmark's runs) wraps once."""
+    import copy
+
+    from vq.losses import PerceptualLoss
+    from vq.speed import apply_speed_switches
+
+    cfg = tiny_demo()[0]
+    plain, model = build_model(cfg.model), build_model(cfg.model)
+    model.load_state_dict(plain.state_dict())
+    perceptual = PerceptualLoss(pretrained=False, allow_random=True)
+    for _ in range(2):
+        apply_speed_switches(True, False, model, perceptual, sync_free=False)
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
+    assert type(model.decoder).__name__ == "Decoder_chunked_grouped_by_code"
+    assert type(perceptual.blocks[0]).__name__ == "VGGBlock_recomputed"
+    assert type(copy.deepcopy(model).decoder) is type(model.decoder)
+    images, codes = synthetic_batch(cfg, 10, torch.device("cpu"))["src"], [0, 1, 2, 3] * 2 + [2, 2]
+    model.eval(), plain.eval()  # (no codebook initialisation); with autograd on: chunks of 8 in 4 code groups
+    torch.testing.assert_close(model(images, codes), plain(images, codes), rtol=1e-5, atol=1e-6)
+

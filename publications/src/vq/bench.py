@@ -2,10 +2,9 @@
 
 One timed loop (`timed`) serves every measurement. The training step is the training script's own
 (`build_training`, `train_step`, `read_stats`), and a mode is a set of train.* overrides
-(`TRAIN_MODES`); inference is `Translator`, what evaluation and synthesis run (or the model's
-forward replayed from a CUDA graph). Batches are synthetic, so nothing waits for data; the
-training loop logs its own data wait (log.csv `data_wait_share`). FLOPs come from
-`FlopCounterMode`, the peak from n x n x n matmuls.
+(`TRAIN_MODES`); inference is `Translator`, what evaluation and synthesis run. Batches are
+synthetic, so nothing waits for data; the training loop logs its own data wait (log.csv
+`data_wait_share`). FLOPs come from `FlopCounterMode`, the peak from n x n x n matmuls.
 """
 from __future__ import annotations
 
@@ -25,8 +24,8 @@ from vq.evaluation import Translator
 from vq.losses import PerceptualLoss, perceptual_loss_for
 from vq.models import build_model
 from vq.runtime import cpu_name, seed_everything
-from vq.speed import to_channels_last
 from vq.sequences import TRAIN_PAIRS
+from vq.speed import to_channels_last
 from vq.training import Phase, build_training, read_stats, resolve_sync_free, to_device, train_step
 
 log = logging.getLogger(__name__)
@@ -183,15 +182,15 @@ def measure(cfg: Config, name: str, device: torch.device, precisions: dict[str, 
             modes: list[str], batches: list[int] | None, steps: int, warmup: int, peak_size: int) -> dict:
     """A config's record: FLOPs per slice, the peak of each precision, and a row per task, precision, batch
     (None: train.batch_size and test.batch_size) and mode; utilisation against the precision's peak.
-    The modes that cannot run here are left out with a note (CUDA graphs need CUDA; the sync-free and
-    host-grouped variants differ from eager and compiled only where eager groups on the host)."""
+    Modes that cannot run here, or would repeat eager and compiled, are left out with a note."""
     perceptual = perceptual_loss_for(cfg, device, untrained_if_missing=True)
     notes = [] if perceptual is None or perceptual.pretrained else ["untrained VGG19: no ImageNet weights file"]
-    if "graphed" in modes and device.type != "cuda":
-        notes.append(f"graphed: skipped, CUDA graphs need CUDA (this is {device})")
-    host_grouped = not resolve_sync_free(cfg.train, device)
-    train_modes = [m for m in modes if (m != "graphed" or device.type == "cuda")
-                   and (host_grouped or m not in ("eager_sync_free", "compiled_host_grouped"))]
+    skipped = {"graphed": f"CUDA graphs need CUDA (this is {device})"} if device.type != "cuda" else {}
+    if resolve_sync_free(cfg.train, device):
+        skipped |= {m: "timed only where eager groups by code on the host (train.sync_free off)"
+                    for m in ("eager_sync_free", "compiled_host_grouped")}
+    notes += [f"{m}: skipped, {why}" for m, why in skipped.items() if m in modes]
+    train_modes = [m for m in modes if m not in skipped]
     infer_modes = [m for m in train_modes if m in ("eager", "compiled")]
     flops = count_flops(cfg, device, perceptual)
     peaks = {label: peak_tflops(device, dtype or torch.float32, peak_size) for label, dtype in precisions.items()}

@@ -102,7 +102,7 @@ class PerceptualLoss(nn.Module):
         else:
             raise ValueError("PerceptualLoss(pretrained=False) needs allow_random=True (benchmarks/tests only)")
         layers = [nn.AvgPool2d(m.kernel_size, m.stride) if isinstance(m, nn.MaxPool2d) else m for m in features]
-        starts = [0] + [k for k, m in enumerate(layers) if isinstance(m, nn.AvgPool2d)]  # a block ends at a pool
+        starts = [0] + [k for k, m in enumerate(layers) if isinstance(m, nn.AvgPool2d)]  # a block starts at a pool
         self.blocks = nn.ModuleList(VGGBlock(layers[a:b]) for a, b in zip(starts, starts[1:] + [len(layers)]))
         self.blocks.eval().requires_grad_(False)
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
@@ -147,7 +147,7 @@ class PerceptualLoss(nn.Module):
 
 
 class VGGBlock(nn.Module):
-    """VGG layers up to a pooling layer and their part of the perceptual loss."""
+    """VGG layers from a pooling layer to the next and their part of the perceptual loss."""
 
     def __init__(self, layers: list[nn.Module]):
         super().__init__()

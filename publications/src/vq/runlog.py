@@ -79,14 +79,15 @@ class DataWait:
         return len(self.loader)
 
     def __iter__(self):
-        batches = iter(self.loader)
+        tic = time.perf_counter()
+        batches = iter(self.loader)  # starting the workers: waited for too
         while True:
-            tic = time.perf_counter()
             batch = next(batches, None)
             self.seconds += time.perf_counter() - tic
             if batch is None:
                 return
             yield batch
+            tic = time.perf_counter()
 
     def take(self) -> float:
         """Seconds waited since the last call."""

@@ -69,11 +69,16 @@ _subclasses: dict[tuple[type, Callable], type] = {}
 
 
 def wrap_forward(module: nn.Module, strategy: Callable) -> nn.Module:
-    """Give `module` the subclass of its class whose forward is strategy(the class's forward); returns it."""
+    """Give `module` the subclass of its class whose forward is strategy(the class's forward); returns it.
+    A module that has the strategy already keeps it once (a VGG19 shared by several runs, a benchmark's).
+    The subclass lives here, not in the class's module: pickle a wrapped module's state_dict, not the module."""
     cls = type(module)
+    if strategy in getattr(cls, "speed_strategies", ()):
+        return module
     if (cls, strategy) not in _subclasses:
-        name = f"{cls.__name__}_{strategy.__name__}"
-        _subclasses[cls, strategy] = type(name, (cls,), {"forward": strategy(cls.forward), "__module__": __name__})
+        _subclasses[cls, strategy] = type(f"{cls.__name__}_{strategy.__name__}", (cls,), {
+            "forward": strategy(cls.forward), "__module__": __name__,
+            "speed_strategies": (*getattr(cls, "speed_strategies", ()), strategy)})
     module.__class__ = _subclasses[cls, strategy]
     return module
 

@@ -36,26 +36,29 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-d", "--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("-c", "--config", required=True, nargs="+", help="YAML config(s)")
-    p.add_argument("--modes", nargs="+", default=["eager"], choices=[*TRAIN_MODES, "all"],
+    p.add_argument("--modes", nargs="+", choices=[*TRAIN_MODES, "all"],
                    help="training-step modes (default eager; all: every mode)")
-    p.add_argument("--precision", nargs="+", default=["fp32", "mixed"], choices=["fp32", "mixed"])
+    p.add_argument("--precision", nargs="+", choices=["fp32", "mixed"], help="default: fp32 and mixed")
     p.add_argument("--batches", type=int, nargs="+", help="batch sizes (default: train.batch_size, test.batch_size)")
     p.add_argument("--steps", type=int, default=5, help="timed calls per measurement")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls after the first, before the timed ones")
-    p.add_argument("--peak-size", type=int, default=4096, help="n of the n x n x n peak matmuls")
+    p.add_argument("--peak-size", type=int, help="n of the n x n x n peak matmuls (default 4096)")
     p.add_argument("--json", type=Path, help="write the records here and the table beside it (.md)")
     p.add_argument("--profile", choices=list(TRAIN_MODES), metavar="MODE", help="profile the training step")
     p.add_argument("-o", "--out-dir", type=Path, help="where --profile writes (default asset/benchmarks)")
     p.add_argument("--rows", type=int, default=30, help="operators in the --profile table")
     add_set_arg(p)
     args = p.parse_args(argv)
-    if min(args.steps, args.peak_size, args.rows, *(args.batches or [1])) < 1 or args.warmup < 0:
+    if min(args.steps, args.peak_size or 1, args.rows, *(args.batches or [1])) < 1 or args.warmup < 0:
         p.error("--steps, --peak-size, --rows and --batches must be >= 1, --warmup >= 0")
-    if args.profile and (len(args.config) > 1 or args.json):
-        p.error("--profile runs alone, on one config, without --json")
+    if args.profile and (len(args.config) > 1 or args.json or args.modes or args.precision or args.batches
+                         or args.peak_size):
+        p.error("--profile runs alone: one config, without --json, --modes, --precision, --batches, --peak-size")
     if not args.profile and (args.out_dir or args.rows != 30):
         p.error("-o/--out-dir and --rows go with --profile")
-    args.modes = list(TRAIN_MODES) if "all" in args.modes else args.modes
+    modes = args.modes or ["eager"]
+    args.modes, args.precision = list(TRAIN_MODES) if "all" in modes else modes, args.precision or ["fp32", "mixed"]
+    args.peak_size = args.peak_size or 4096
     return args
 
 
@@ -67,6 +70,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     if args.profile:
         return write_profile(args, device, mixed)
     if mixed is None and "mixed" in args.precision:
+        if args.precision == ["mixed"]:
+            raise DeviceError("--precision mixed: this CPU has no bf16 units, so train.amp=auto trains in fp32")
         log.info("no bf16 units on this CPU: train.amp=auto trains in fp32, so 'mixed' is left out")
     precisions = {label: amp for label, amp in (("fp32", None), ("mixed", mixed))
                   if label in args.precision and (label == "fp32" or amp is not None)}

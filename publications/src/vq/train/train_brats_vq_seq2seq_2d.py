@@ -65,18 +65,18 @@ def train(args) -> int:
     data = check_training_data(cfg, run_dir, write_report=launch_rank() == 0)
     ddp, device = init_distributed(device, cfg.train.dist_timeout_s)
     try:
-        return train_loop(args, cfg, run_dir, ddp, device, data)
+        return train_loop(args, cfg, run_dir, ddp, device, *data)
     finally:
         cleanup(ddp)
 
 
-def train_loop(args, cfg, run_dir, ddp, device, data) -> int:
-    logging.getLogger().setLevel(logging.INFO if ddp.is_main else logging.WARNING)  # one voice in the console
+def train_loop(args, cfg, run_dir, ddp, device, cache, train_rows, valid_rows) -> int:
+    if not ddp.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # one voice in the console
     t, amp = cfg.train, amp_dtype(device, cfg.train.amp)
     seed_everything(cfg.seed)
     log.info("run folder %s | device %s (%s) | autocast %s | %d process(es)", run_dir, device, device_name(device),
              amp, ddp.world_size)
-    cache, train_rows, valid_rows = data
     loader = make_train_loader(cfg, cache, train_rows, seed=cfg.seed, distributed=ddp.enabled)
     batches = DataWait(loader)  # the loader, timing the loop's wait for data (log.csv data_wait_share)
     reference = intensity_reference(cache, train_rows, cfg.data.missing)  # saved with every checkpoint
