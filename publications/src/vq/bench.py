@@ -1,10 +1,9 @@
 """Speed of the training step and of inference, against the device's own peak (`tools/benchmark.py`).
 
-One timed loop (`timed`) serves every measurement. The training step is the training script's own
-(`build_training`, `train_step`, `read_stats`), and a mode is a set of train.* overrides
-(`TRAIN_MODES`); inference is `Translator`, what evaluation and synthesis run. Batches are
-synthetic, so nothing waits for data; the training loop logs its own data wait (log.csv
-`data_wait_share`). FLOPs come from `FlopCounterMode`, the peak from n x n x n matmuls.
+One timed loop (`timed`) serves every measurement: the training script's own step (`build_training`,
+`train_step`, `read_stats`), a mode being a set of train.* overrides (`TRAIN_MODES`), and `Translator`,
+what evaluation and synthesis run. Batches are synthetic, so nothing waits for data: the training loop
+logs its own wait (log.csv `data_wait_share`). FLOPs from `FlopCounterMode`, the peak from matmuls.
 """
 from __future__ import annotations
 
@@ -34,9 +33,8 @@ TRAIN_MODES = {"eager": {}, "eager_sync_free": {"sync_free": True},
                "compiled": {"compile": True, "sync_free": True},
                "compiled_host_grouped": {"compile": True, "sync_free": False},
                "graphed": {"cuda_graph": True, "sync_free": True}}
-"""The training step's modes as train.* overrides: eager as the config runs (train.sync_free auto: off on a
-CPU), sync-free, compiled, compiled with the host's grouping by code, replayed from a CUDA graph.
-Inference has the first and the third: `Translator` eager and compiled (test.compile)."""
+"""The training step's modes as train.* overrides: eager as the config runs (sync_free auto: off on a CPU),
+sync-free, compiled, compiled grouping by code on the host, from a CUDA graph. Inference: eager, compiled."""
 
 
 def sync(device: torch.device) -> None:
@@ -69,20 +67,25 @@ def synthetic_batch(cfg: Config, batch: int, device: torch.device, seed: int = 0
 @contextlib.contextmanager
 def peak_memory(device: torch.device):
     """Yields a dict whose "mb" is, after the block, its peak memory in MB. CUDA: `max_memory_allocated`
-    (tensors, weights included). CPU: the process's peak resident set (VmHWM, reset through
-    /proc/self/clear_refs: 5), so it includes the Python and torch runtime; else the lifetime `ru_maxrss`."""
+    (tensors and weights). CPU: the process's peak resident set, runtime included (VmHWM, reset through
+    /proc/self/clear_refs), or where there is no /proc the lifetime `ru_maxrss`."""
     sync(device)
-    result, cuda = {"mb": float("nan")}, device.type == "cuda"
-    if cuda:
+    result = {"mb": float("nan")}
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    else:
+        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5: the peak resident set restarts from the current one
     yield result
     sync(device)
-    kb = torch.cuda.max_memory_allocated(device) / 1024 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with contextlib.suppress(OSError), open("/proc/self/status") as f:
-        kb = kb if cuda else next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    result["mb"] = kb / 1024
+    if device.type == "cuda":
+        result["mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        return
+    try:
+        with open("/proc/self/status") as f:
+            result["mb"] = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except OSError:
+        result["mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
 
 
 def timed(call, batch: int, steps: int, warmup: int, wait, device: torch.device) -> dict[str, float]:
@@ -109,30 +112,30 @@ def timed(call, batch: int, steps: int, warmup: int, wait, device: torch.device)
             "first_call_s": first, "setup_s": max(total - calls * seconds / steps, 0.0), "peak_mem_mb": memory["mb"]}
 
 
-def train_call(cfg: Config, device: torch.device, amp: torch.dtype | None, perceptual: PerceptualLoss | None,
-               mode: str):
-    """The full-recipe training step of `mode` on a synthetic batch (train.batch_size at data.training_crop)
+def train_call(cfg: Config, device: torch.device, amp: torch.dtype | None, mode: str, batch: int,
+               perceptual: PerceptualLoss | None):
+    """The full-recipe training step of `mode` on a synthetic batch (`batch` slices at data.training_crop)
     as a call, and the call that waits for it (reads the statistics, synchronises the device)."""
-    switches = {"compile": False, "cuda_graph": False, **TRAIN_MODES[mode]}
+    switches = {"compile": False, "cuda_graph": False, "batch_size": batch, **TRAIN_MODES[mode]}
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **switches))
     torch._dynamo.reset()  # compile from scratch: the setup time is part of the result
     run = build_training(cfg, device, perceptual=perceptual, amp=amp)
-    batch = to_device(synthetic_batch(cfg, cfg.train.batch_size, device, crop=cfg.data.training_crop), device,
-                      cfg.train.channels_last)
-    phase = full_recipe(cfg)
-    return (lambda: train_step(run, batch, phase)), (lambda: (read_stats(run), sync(device)))
+    data, phase = synthetic_batch(cfg, batch, device, crop=cfg.data.training_crop), full_recipe(cfg)
+    data = to_device(data, device, cfg.train.channels_last)
+    return (lambda: train_step(run, data, phase)), (lambda: (read_stats(run), sync(device)))
 
 
-def infer_call(cfg: Config, device: torch.device, amp: torch.dtype | None, mode: str, batch: int):
-    """Inference through `Translator` (encode + decode to one target) of a synthetic batch at data.crop."""
+def infer_call(cfg: Config, device: torch.device, amp: torch.dtype | None, mode: str, batch: int, perceptual=None):
+    """Inference through `Translator` (encode + decode to one target) of a synthetic batch at data.crop, as
+    a call, and the call that waits for the device; `perceptual` is not used (`train_call`'s signature)."""
     seed_everything(cfg.seed)
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # compiles from scratch, as in `train_call`
     model = build_model(cfg.model).to(device).eval()
     images = synthetic_batch(cfg, batch, device)["src"]
     if cfg.train.channels_last:  # as the training step (`build_training`, `to_device`)
         model, images = to_channels_last(model), images.contiguous(memory_format=torch.channels_last)
     translator = Translator(model, device, amp, batch, compile=mode == "compiled")
-    return functools.partial(translator.translate, images, [0, 2])
+    return functools.partial(translator.translate, images, [0, 2]), functools.partial(sync, device)
 
 
 def count_flops(cfg: Config, device: torch.device, perceptual: PerceptualLoss | None) -> dict[str, float]:
@@ -196,16 +199,12 @@ def measure(cfg: Config, name: str, device: torch.device, precisions: dict[str, 
     peaks = {label: peak_tflops(device, dtype or torch.float32, peak_size) for label, dtype in precisions.items()}
     rows = []
     for label, amp in precisions.items():
-        for task, modes_of, default in (("train", train_modes, cfg.train.batch_size),
-                                        ("infer", infer_modes, cfg.test.batch_size)):
+        for task, make, modes_of, default in (("train", train_call, train_modes, cfg.train.batch_size),
+                                              ("infer", infer_call, infer_modes, cfg.test.batch_size)):
             for batch in batches or [default]:
                 for mode in modes_of:
                     log.info("%s, %s, batch %d, %s", task, label, batch, mode)
-                    if task == "train":
-                        sized = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
-                        call, wait = train_call(sized, device, amp, perceptual, mode)
-                    else:
-                        call, wait = infer_call(cfg, device, amp, mode, batch), functools.partial(sync, device)
+                    call, wait = make(cfg, device, amp, mode, batch, perceptual)
                     row = timed(call, batch, steps, warmup, wait, device)
                     row["utilisation"] = row["slices_per_s"] * flops[task] / (peaks[label] * 1e12)
                     rows.append({"task": task, "precision": label, "batch": batch, "mode": mode, **row})
@@ -218,7 +217,8 @@ def profile(cfg: Config, device: torch.device, amp: torch.dtype | None, mode: st
     """Where the training step of `mode` spends its time: `torch.profiler` over `steps` steps after the first
     call and `warmup` more (compilation, capture), the `rows` operators with the most self time (host time
     on a CPU, device time on CUDA). A compiled graph is one row; the convolutions it calls have their own."""
-    call, wait = train_call(cfg, device, amp, perceptual_loss_for(cfg, device, untrained_if_missing=True), mode)
+    call, wait = train_call(cfg, device, amp, mode, cfg.train.batch_size,
+                            perceptual_loss_for(cfg, device, untrained_if_missing=True))
     for _ in range(1 + warmup):
         call()
     wait()
