@@ -22,7 +22,7 @@ def images(batch=2, size=32):
 
 
 def test_straight_through_gradient_reaches_encoder(model):
-    out = model(images(), [0, 2])
+    out = model(images(), 1, [0, 2])
     out.mean().backward()  # decoder-side loss only, no VQ loss
     grad = model.encoder.net[0][0].weight.grad
     assert grad is not None and grad.abs().sum() > 0
@@ -75,14 +75,14 @@ def test_model_mixed_targets_equal_each_sample_alone(model):
     x = images(4)
     targets = [0, 3, 0, 2]
     with torch.no_grad():
-        batched = model(x, targets)
-        alone = torch.cat([model(x[i:i + 1], t) for i, t in enumerate(targets)])
+        batched = model(x, 1, targets)
+        alone = torch.cat([model(x[i:i + 1], 1, t) for i, t in enumerate(targets)])
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-4)
 
 
 def test_decode_shapes_and_target_codes(model):
     x = images(3)
-    enc = model.encode(x)
+    enc = model.encode(x, 0)
     assert enc.latent.shape == (3, TINY.embed_dim, 8, 8)
     assert enc.indices.shape == (3, 8, 8) and enc.loss_vq.ndim == 0
     with torch.no_grad():
@@ -93,10 +93,10 @@ def test_decode_shapes_and_target_codes(model):
     torch.testing.assert_close(one_hot, out)  # "flair" is code position 3, the sequence order
     assert (t1 - out).abs().mean() > 1e-3  # the code steers the decoder
     # codes: int, per-sample list, float codes all give (B, code_dim)
-    assert model.target_code(1, 3).shape == (3, TINY.code_dim)
-    assert torch.equal(model.target_code(torch.tensor([1, 1, 1])), model.target_code(1, 3))
+    assert model.sequence_code(1, 3).shape == (3, TINY.code_dim)
+    assert torch.equal(model.sequence_code(torch.tensor([1, 1, 1])), model.sequence_code(1, 3))
     with pytest.raises(ValueError):
-        model.target_code([0, 4])
+        model.sequence_code([0, 4])
 
 
 @pytest.mark.parametrize("uniform_on, width", [("reference", TINY.code_dim), ("sequences", 4)])
@@ -107,17 +107,17 @@ def test_random_code_is_one_hot_or_uniform(model, uniform_on, width):
     assert 10 < one_hot.sum() < 54  # about half are one-hot on the 4 sequences, the rest uniform
     mixed = codes[~one_hot]
     assert (mixed[:, :width] > 0).all() and (mixed[:, width:] == 0).all()  # the reference: all 64 positions
-    assert model.decode(model.encode(images(64, 16)).latent, codes).shape == (64, 1, 16, 16)
+    assert model.decode(model.encode(images(64, 16), 0).latent, codes).shape == (64, 1, 16, 16)
 
 
 def test_seq2seq_ablation_has_no_quantizer():
     model = build_model(dataclasses.replace(TINY, quantize=False))
     names = [n for n, _ in model.named_parameters()]
     assert not any("quant" in n for n in names)
-    enc = model.encode(images())
+    enc = model.encode(images(), 0)
     assert enc.indices is None and enc.loss_vq.item() == 0
     assert enc.latent.shape == (2, 4 * TINY.base_channels, 8, 8)
-    assert model(images(), 1).shape == (2, 1, 32, 32)
+    assert model(images(), 0, 1).shape == (2, 1, 32, 32)
 
 
 def test_codebook_usage_perplexity():
@@ -133,7 +133,7 @@ def test_bf16_autocast_forward_keeps_quantizer_in_fp32(model):
     distances = model.quantizer.distances
     model.quantizer.distances = lambda z: dtypes.append((d := distances(z)).dtype) or d
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        enc = model.encode(images())
+        enc = model.encode(images(), 0)
         out = model.decode(enc.latent, [1, 3])
     assert enc.pre_quant.dtype == torch.bfloat16  # autocast is really on upstream
     assert dtypes == [torch.float32] and enc.latent.dtype == torch.float32
@@ -190,8 +190,8 @@ def test_initial_statistics_follow_the_init(init, ze_rms, out_std):
     model = build_model(ModelConfig(init=init)).eval()
     with torch.no_grad():
         x = phantom_slice()
-        z_e = model.encode(x).pre_quant
-        out = model(x, 2)
+        z_e = model.encode(x, 0).pre_quant
+        out = model(x, 0, 2)
     assert ze_rms[0] < z_e.pow(2).mean().sqrt() < ze_rms[1]
     assert out_std[0] < out.std() < out_std[1]
 

@@ -34,13 +34,13 @@ def test_the_bypass_decodes_the_encoder_output_and_leaves_the_codebook_alone():
     model = tiny_model()
     images = torch.rand(2, 1, 32, 32) * 2 - 1
     model.bypass_quantizer = True
-    enc = model.encode(images)
+    enc = model.encode(images, 0)
     assert torch.equal(enc.latent, enc.pre_quant) and float(enc.loss_vq) == 0.0
     codebook = model.quantizer.embedding.weight.detach().clone()
     assert model.quantizer.init_pending and torch.equal(model.quantizer.embedding.weight, codebook)
     assert enc.indices.shape == (2, 8, 8)  # the nearest codes, for the usage statistics
     model.bypass_quantizer = False  # the first quantized step starts the codebook (k-means) and snaps to it
-    enc = model.encode(images)
+    enc = model.encode(images, 0)
     assert not model.quantizer.init_pending and not torch.equal(model.quantizer.embedding.weight, codebook)
     snapped = model.quantizer.embedding.weight.detach()[enc.indices].permute(0, 3, 1, 2)  # (B, D, h, w)
     torch.testing.assert_close(enc.latent.detach(), snapped)
@@ -48,7 +48,7 @@ def test_the_bypass_decodes_the_encoder_output_and_leaves_the_codebook_alone():
 
 def test_the_average_lags_the_weights_and_copies_the_codebook():
     model = tiny_model()
-    model.encode(torch.rand(2, 1, 32, 32))  # k-means start
+    model.encode(torch.rand(2, 1, 32, 32), 0)  # k-means start
     ema = WeightAverage(model, decay=0.5)
     start = {k: v.detach().clone() for k, v in model.named_parameters()}
     with torch.no_grad():

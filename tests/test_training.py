@@ -73,7 +73,7 @@ def test_paper_config_builds_the_model_of_the_stated_size():
     assert model.quantizer.embedding.weight.shape == (256, 3)
     assert sum(p.numel() for p in model.encoder.parameters()) == pytest.approx(7.45e6, rel=0.01)
     with torch.no_grad():
-        enc = model.encode(torch.zeros(1, 1, 64, 64))
+        enc = model.encode(torch.zeros(1, 1, 64, 64), 0)
     assert enc.latent.shape == (1, 3, 16, 16)
 
 
@@ -269,7 +269,7 @@ def test_activation_checkpointing_changes_memory_not_the_result(phantom_dir, tmp
     for layer in layers:
         layer.register_forward_hook(lambda module, args, out: calls.append((module, len(args[0]))))
     latent = model.encoder(torch.rand(10, 1, 32, 32, requires_grad=True))
-    perceptual(model.decoder(latent, model.target_code(2, 10)), target_feats, torch.arange(10)).sum().backward()
+    perceptual(model.decoder(latent, model.sequence_code(2, 10)), target_feats, torch.arange(10)).sum().backward()
     for module in layers:
         assert [rows for m, rows in calls if m is module] == [8, 2, 2, 8]  # chunks, then backward's recompute
 
@@ -320,10 +320,10 @@ def test_validation_includes_the_identity_pairs_like_the_reference():
     from vq.inference import Translator
 
     class Copy(torch.nn.Module):  # the decoder returns the latent: every translation copies its source
-        def encode(self, x):
+        def encode(self, x, code):
             return SimpleNamespace(latent=x)
 
-        def target_code(self, target, device=None):
+        def sequence_code(self, sequences, device=None):
             return None
 
         def decode(self, latent, code):

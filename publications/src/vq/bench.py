@@ -148,7 +148,7 @@ def count_flops(cfg: Config, device: torch.device, perceptual: PerceptualLoss | 
 
     def translation_flops(size: int) -> int:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(synthetic_batch(cfg, 1, device, crop=size)["src"], 0)
+            model(synthetic_batch(cfg, 1, device, crop=size)["src"], 0, 2)
         return counter.get_total_flops()
 
     batch, phase, augmented = synthetic_batch(cfg, batch_size, device, crop=crop), full_recipe(cfg), []

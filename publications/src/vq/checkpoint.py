@@ -16,6 +16,10 @@ from vq.training import load_optimizer_state
 from vq.files import write_atomic
 
 
+SOURCE_CONV = "encoder.net.0.conv."
+"""The weights of the source-conditioned first encoder layer (model.source_code)."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or does not fit the model of the config."""
 
@@ -49,6 +53,11 @@ def load_model_weights(model: nn.Module, state: dict, path: str | Path = "checkp
     unexpected = [k for k in weights if k not in own]
     shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}"
               for k, v in own.items() if k in weights and weights[k].shape != v.shape]
+    told = [any(k.startswith(SOURCE_CONV) for k in keys) for keys in (weights, own)]
+    if told[0] != told[1]:  # the first encoder layer is another module: its keys and shapes differ
+        value = str(told[0]).lower()
+        raise CheckpointError(f"checkpoint {path} was trained with model.source_code={value}; "
+                              f"load it with --set model.source_code={value} (or the config it was trained with)")
     switches = {"mix_bias.": "model.hyper_bias=shared", "quantizer.initialised": "model.codebook_init=uniform"}
     for part, setting in switches.items():  # keys that exist under one value of a model switch only
         if missing and all(part in k for k in missing) and not unexpected and not shapes:

@@ -109,6 +109,11 @@ class ModelConfig:
     hyper_bias: str = "own"
     """Hyper-conv bias = bank x mixing coefficients: `own` gives the bias its own mixing Linear (the
     reference); `shared` reuses the kernel's coefficients (checkpoints made before this switch)."""
+    source_code: bool = False
+    """The encoder is told which sequence it reads: its first conv is a hyper-conv of the source sequence's
+    code (as the encoder of the authors' later nnSeq2Seq). Not the paper's network (false): there a T1 and a
+    T2 crop, close to each other's negatives after the first InstanceNorm, are told apart by the image alone.
+    A domain-augmented source is read with the code it was translated to."""
     init: str = "reference"
     """`reference`: Conv2d weights Kaiming-normal (fan_in, a=0), every Conv2d/Linear bias 0, hyper-conv
     banks Kaiming-normal over (in x k x k x n_kernels); `pytorch`: PyTorch's default inits."""

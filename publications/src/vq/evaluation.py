@@ -328,7 +328,7 @@ def latent_gap(translator: Translator, stacks: dict[str, dict[int, torch.Tensor]
     """
     total, count = 0.0, 0
     for seqs in stacks.values():
-        latents = {s: translator.encode(stack) for s, stack in seqs.items()}  # (S, D, h, w)
+        latents = {s: translator.encode(stack, s) for s, stack in seqs.items()}  # (S, D, h, w)
         names = sorted(latents)
         for a_pos, a in enumerate(names):
             for b in names[a_pos + 1:]:

@@ -58,18 +58,19 @@ class Translator:
             yield chunk, n
 
     @torch.no_grad()
-    def encode(self, stack: torch.Tensor) -> torch.Tensor:
-        """(S,1,H,W) -> latent (S,D,H/4,W/4), fp32, on the device."""
+    def encode(self, stack: torch.Tensor, source) -> torch.Tensor:
+        """(S,1,H,W) images of `source` (a sequence index or name) -> latent (S,D,H/4,W/4), fp32, on the device."""
+        code = self.model.sequence_code(source, device=self.device)  # (1, code_dim): one code row for every chunk
         out = []
         for chunk, n in self._batches(stack):
             with autocast(self.device, self.amp):
-                out.append(self._encode(chunk).latent[:n].float())
+                out.append(self._encode(chunk, code).latent[:n].float())
         return torch.cat(out)
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor, target) -> torch.Tensor:
         """latent (S,D,h,w) -> (S,1,H,W) fp32; target: a sequence index or a (code_dim,) code vector."""
-        code = self.model.target_code(target, device=self.device)  # (1, code_dim): one code row for every chunk
+        code = self.model.sequence_code(target, device=self.device)  # (1, code_dim): one code row for every chunk
         out = []
         for chunk, n in self._batches(latent):
             with autocast(self.device, self.amp):
@@ -81,7 +82,8 @@ class Translator:
 
         `memo`: a dict shared by the translations of one subject, so that the latent of
         each stack and the stacks along shared path prefixes are computed once (the
-        source is encoded once for all its targets; T1 -> T1Gd -> T2 reuses T1 -> T1Gd).
+        source is encoded once for all its targets; T1 -> T1Gd -> T2 reuses T1 -> T1Gd). Each stack
+        is encoded as the sequence it is, an intermediate translation as the sequence it was made into.
         """
         memo = {} if memo is None else memo
         current = stack
@@ -90,7 +92,7 @@ class Translator:
             if step not in memo:
                 source = ("latent", *path[:k])
                 if source not in memo:
-                    memo[source] = self.encode(current)
+                    memo[source] = self.encode(current, path[k - 1])
                 memo[step] = self.decode(memo[source], path[k])
             current = memo[step]
         return current
@@ -175,7 +177,7 @@ def synthesize_all(translator: Translator, volumes: dict, targets, *, percentile
         data = volume if normalized else prepare(volume, percentile, brain=brain, name=(names or {}).get(seq, name),
                                                  reference=translator.intensity_reference.get(name))
         stack, size = to_slices(data, multiple)
-        latents[seq] = translator.encode(stack)  # (Z, D, X'/4, Y'/4)
+        latents[seq] = translator.encode(stack, name)  # (Z, D, X'/4, Y'/4)
         if seen is not None:  # the share of each latent position the source imaged
             imaged, _ = to_slices(seen[seq] * 2.0 - 1, multiple)  # (Z, 1, X', Y'), padding -1: not imaged
             weights.append(F.avg_pool2d((imaged + 1) / 2, multiple))

@@ -119,12 +119,12 @@ def run(test: TestRun, seq: int, support: str | None = None, query_seq: int | No
         truth(name)  # a missing or broken one stops the run here, before any prediction
     support = pick_support(support, [name for name, _ in test.subjects], truth)
     factor = 2 ** cfg.model.n_down  # the latent's downsampling
-    extract = {"latent": lambda stack: test.translator.encode(stack),  # (S,1,H,W) -> (S,D,H/f,W/f)
-               "intensity": lambda stack: intensity_features(stack, factor).to(device)}
+    extract = {"latent": lambda stack, seq: test.translator.encode(stack, seq),  # (S,1,H,W) -> (S,D,H/f,W/f)
+               "intensity": lambda stack, seq: intensity_features(stack, factor).to(device)}
     image = load_eval_stack(test.cache, support, seq)  # (S, 1, crop, crop)
     cells = cell_majority(truth(support), factor).to(device)  # (S, h, w)
     brain = F.avg_pool2d((image > -1).float(), factor)[:, 0].to(device) >= 0.5  # (S, h, w) mostly brain
-    classifiers = {feature: KNN(positions(fn(image))[brain.flatten()], cells[brain], seed=seed)
+    classifiers = {feature: KNN(positions(fn(image, seq))[brain.flatten()], cells[brain], seed=seed)
                    for feature, fn in extract.items()}
     log.info("support %s (%s): %d brain cells, classes %s", support, SEQUENCES[seq], int(brain.sum()),
              {LABELS[c]: int((cells[brain] == c).sum()) for c in range(len(LABELS))})
@@ -137,7 +137,7 @@ def run(test: TestRun, seq: int, support: str | None = None, query_seq: int | No
         query = query_seq if query_seq is not None else available(code)[0]
         stack, labels = load_eval_stack(test.cache, name, query), truth(name)
         for feature, fn in extract.items():
-            pred = segment(classifiers[feature], fn(stack), stack)
+            pred = segment(classifiers[feature], fn(stack, query), stack)
             rows.append({"name": name, "seq": SEQUENCES[query], "feature": feature, **region_dice(pred, labels)})
     write_csv(test.out / "oneshot_seg.csv", rows, ["name", "seq", "feature", *TUMOUR_REGIONS], digits=4)
     table = markdown(rows, support, SEQUENCES[seq])

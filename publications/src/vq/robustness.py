@@ -71,7 +71,7 @@ def run(test: TestRun, models: dict[str, Translator], lpips: LPIPSMetric | None,
                 source = corrupt(stacks[src], kind, level, gen) if level else stacks[src]
                 input_psnr = float(psnr(source[:, 0], stacks[src][:, 0]))
                 for label, translator in models.items():
-                    latent = translator.encode(source)  # one encoding serves every target
+                    latent = translator.encode(source, src)  # one encoding serves every target
                     for tgt in missing(code):
                         pred = translator.decode(latent, tgt)
                         rows.append({"model": label, "corruption": kind, "level": level, "name": name,

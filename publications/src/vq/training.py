@@ -172,14 +172,19 @@ class Recipe(nn.Module):
         batch, device = src.shape[0], src.device
         in_src, in_tgt, ok = self.inputs(src, tgt)
 
+        sources = torch.cat([src_idx, tgt_idx])  # (2B,) what each encoded image is (model.source_code)
         with autocast(device, amp):
             if phase.domain_aug:  # step 4: each source, with p = 0.5, becomes the model's own translation
                 swap = torch.rand(batch, 1, 1, 1, device=device) < 0.5
+                code = model.random_code(batch, uniform_on=cfg.random_code)  # (B, code_dim)
                 with torch.no_grad():  # all B sources are translated, so that shapes do not depend on the draw
-                    fake = model(in_src, model.random_code(batch, uniform_on=cfg.random_code))
+                    fake = model(in_src, src_idx, code)
                 in_src = torch.where(swap, fake.to(in_src.dtype), in_src)
+                # a translated source is read as what it was translated to: (2B, code_dim)
+                sources = torch.cat([torch.where(swap.view(batch, 1), code, model.sequence_code(src_idx)),
+                                     model.sequence_code(tgt_idx)])
 
-            enc = model.encode(torch.cat([in_src, in_tgt]))  # (2B,1,H,W) -> latent (2B,D,h,w)
+            enc = model.encode(torch.cat([in_src, in_tgt]), sources)  # (2B,1,H,W) -> latent (2B,D,h,w)
             lat_src, lat_tgt = enc.latent.chunk(2)
             latents = [lat_src, lat_tgt, lat_src, lat_tgt]
             codes = [tgt_idx, src_idx, src_idx, tgt_idx]  # i->j, j->i, i->i, j->j

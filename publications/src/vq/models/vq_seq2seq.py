@@ -4,7 +4,10 @@ One network serves every source and target: E maps any sequence to a common
 latent at 1/4 resolution, and G decodes it to the sequence picked by a code s
 (one-hot of the target index in a code_dim-long vector). With
 `cfg.quantize=False` (the Seq2Seq ablation) there is no quantizer and no 1x1
-convs: the latent is the encoder output itself.
+convs: the latent is the encoder output itself. With `cfg.source_code` (not the
+paper's network) E is told which sequence it reads: its first conv is a
+hyper-conv of the source's code, as in the authors' later nnSeq2Seq encoder.
+Every encoding names its source; the paper's encoder does not read it.
 """
 from __future__ import annotations
 
@@ -19,8 +22,8 @@ from ..sequences import N_SEQ, seq_index
 from .hyperconv import HyperConv2d
 from .quantizer import VectorQuantizer
 
-Target = int | str | Sequence[int | str] | torch.Tensor
-"""A target sequence: one index/name for the batch, one per sample, or a (B, code_dim) float code."""
+Code = int | str | Sequence[int | str] | torch.Tensor
+"""A sequence as a code: one index/name for the batch, one per sample, or a (B, code_dim) float code."""
 
 
 def conv_norm_act(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
@@ -47,12 +50,32 @@ class ResBlock(nn.Module):
         return x + self.body(x)
 
 
-class Encoder(nn.Module):
-    """(B, 1, H, W) -> (B, C * 2**n_down, H / 2**n_down, W / 2**n_down)."""
+class SourceConv(nn.Module):
+    """The source-conditioned first layer (model.source_code): hyper-conv of the source code, norm, LeakyReLU.
 
-    def __init__(self, base_channels: int = 64, n_down: int = 2, n_res: int = 6):
+    After the first InstanceNorm a T1 crop and the same crop of T2 are close to each other's negatives;
+    a kernel per source sequence lets the encoder map both to one tissue latent."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, code_dim: int, n_kernels: int):
         super().__init__()
-        layers = [conv_norm_act(1, base_channels, 7)]
+        self.conv = HyperConv2d(in_ch, out_ch, kernel_size, code_dim, n_kernels, bias=False)  # norm removes a bias
+        self.norm = nn.InstanceNorm2d(out_ch)
+
+    def forward(self, x, code):
+        return F.leaky_relu(self.norm(self.conv(x, code)), 0.2)
+
+
+class Encoder(nn.Module):
+    """(B, 1, H, W) and, with a `code_dim`, a (1 or B, code_dim) source code -> (B, C * 2**n_down, H / 2**n_down,
+    W / 2**n_down). Without a `code_dim` (the paper's encoder) the first layer is an ordinary conv and the code
+    is not read."""
+
+    def __init__(self, base_channels: int = 64, n_down: int = 2, n_res: int = 6,
+                 code_dim: int | None = None, n_kernels: int = 16):
+        super().__init__()
+        first = conv_norm_act(1, base_channels, 7) if code_dim is None else \
+            SourceConv(1, base_channels, 7, code_dim, n_kernels)
+        layers = [first]
         ch = base_channels
         for _ in range(n_down):
             layers.append(conv_norm_act(ch, 2 * ch, 3, stride=2))
@@ -60,9 +83,16 @@ class Encoder(nn.Module):
         layers += [ResBlock(ch) for _ in range(n_res)]
         self.net = nn.Sequential(*layers)
         self.out_channels = ch
+        self.conditioned = code_dim is not None
 
-    def forward(self, x):
-        return self.net(x)
+    def forward(self, x, code=None):
+        if not self.conditioned:
+            return self.net(x)
+        first, *rest = self.net
+        x = first(x, code)
+        for layer in rest:
+            x = layer(x)
+        return x
 
 
 class HyperResBlock(nn.Module):
@@ -130,7 +160,8 @@ class VQSeq2Seq(nn.Module):
         if cfg.code_dim < N_SEQ:
             raise ValueError(f"model.code_dim={cfg.code_dim} must be >= {N_SEQ} (one position per sequence)")
         self.cfg = cfg
-        self.encoder = Encoder(cfg.base_channels, cfg.n_down, cfg.n_res)
+        self.encoder = Encoder(cfg.base_channels, cfg.n_down, cfg.n_res,
+                               cfg.code_dim if cfg.source_code else None, cfg.n_kernels)
         ch = self.encoder.out_channels
         if cfg.quantize:
             self.quant_conv = nn.Conv2d(ch, cfg.embed_dim, 1)  # (B, 4C, h, w) -> (B, D, h, w)
@@ -165,9 +196,9 @@ class VQSeq2Seq(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def target_code(self, target: Target, batch_size: int | None = None,
-                    device: torch.device | str | None = None) -> torch.Tensor:
-        """Target sequence(s) -> (B, code_dim) float codes.
+    def sequence_code(self, sequences: Code, batch_size: int | None = None,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+        """Sequence(s), a target's or a source's -> (B, code_dim) float codes.
 
         int or name: the same one-hot for all `batch_size` (default 1) samples;
         list or integer tensor of B indices: one one-hot per sample; float tensor
@@ -175,22 +206,22 @@ class VQSeq2Seq(nn.Module):
         """
         device = device or self.device
         code_dim = self.cfg.code_dim
-        if isinstance(target, torch.Tensor) and target.is_floating_point():
-            code = target.to(device).reshape(-1, code_dim)
+        if isinstance(sequences, torch.Tensor) and sequences.is_floating_point():
+            code = sequences.to(device).reshape(-1, code_dim)
         else:
-            if isinstance(target, (int, str)):
-                target = [target]
-            if isinstance(target, torch.Tensor):
-                index = target.to(device).flatten().long()
+            if isinstance(sequences, (int, str)):
+                sequences = [sequences]
+            if isinstance(sequences, torch.Tensor):
+                index = sequences.to(device).flatten().long()
                 # checked on the device: reading the check on the host would wait for the device
-                torch._assert_async(((index >= 0) & (index < N_SEQ)).all(), f"target indices must be in 0..{N_SEQ - 1}")
+                torch._assert_async(((index >= 0) & (index < N_SEQ)).all(), f"sequence indices must be in 0..{N_SEQ - 1}")
             else:
-                index = torch.tensor([seq_index(t) for t in target], device=device)
+                index = torch.tensor([seq_index(s) for s in sequences], device=device)
             # (B,) -> (B, code_dim) one-hot, ones in the first N_SEQ positions
             code = (index[:, None] == torch.arange(code_dim, device=device)).float()
         if batch_size is not None and len(code) != batch_size:
             if len(code) != 1:
-                raise ValueError(f"{len(code)} target codes for a batch of {batch_size}")
+                raise ValueError(f"{len(code)} sequence codes for a batch of {batch_size}")
             code = code.expand(batch_size, -1)
         return code
 
@@ -213,8 +244,12 @@ class VQSeq2Seq(nn.Module):
         mix = torch.where(use_onehot, onehot, uniform)  # (B, width)
         return F.pad(mix, (0, self.cfg.code_dim - width)).to(self.device)  # -> (B, code_dim)
 
-    def encode(self, x: torch.Tensor) -> Encoded:
-        z = self.encoder(x)  # (B, 1, H, W) -> (B, 4C, H/4, W/4)
+    def encode(self, x: torch.Tensor, source: Code) -> Encoded:
+        """x: (B, 1, H, W) images of the `source` sequence(s) (read only with model.source_code)."""
+        code = None
+        if self.encoder.conditioned:
+            code = self._code_for(source, x)  # (1 or B, code_dim)
+        z = self.encoder(x, code)  # (B, 1, H, W) -> (B, 4C, H/4, W/4)
         if self.quantizer is None:
             return Encoded(z, None, z.new_zeros((), dtype=torch.float32), z)
         z_e = self.quant_conv(z)  # -> (B, D, H/4, W/4)
@@ -223,16 +258,22 @@ class VQSeq2Seq(nn.Module):
         z_q, indices, loss = self.quantizer(z_e)
         return Encoded(z_q, indices, loss, z_e)
 
-    def decode(self, latent: torch.Tensor, target: Target) -> torch.Tensor:
-        code = self.target_code(target, device=latent.device)  # (1 or B, code_dim)
-        if len(code) not in (1, len(latent)):
-            raise ValueError(f"{len(code)} target codes for a batch of {len(latent)}")
+    def _code_for(self, sequences: Code, batch: torch.Tensor) -> torch.Tensor:
+        """(1 or B, code_dim) codes for a batch: one row serves every sample."""
+        code = self.sequence_code(sequences, device=batch.device)
+        if len(code) not in (1, len(batch)):
+            raise ValueError(f"{len(code)} sequence codes for a batch of {len(batch)}")
+        return code
+
+    def decode(self, latent: torch.Tensor, target: Code) -> torch.Tensor:
+        code = self._code_for(target, latent)  # (1 or B, code_dim)
         if self.post_quant_conv is not None:
             latent = self.post_quant_conv(latent)  # (B, D, h, w) -> (B, 4C, h, w)
         return self.decoder(latent, code)  # -> (B, 1, H, W) in [-1, 1]
 
-    def forward(self, x: torch.Tensor, target: Target) -> torch.Tensor:
-        return self.decode(self.encode(x).latent, target)
+    def forward(self, x: torch.Tensor, source: Code, target: Code) -> torch.Tensor:
+        """Translate images of `source` to `target`."""
+        return self.decode(self.encode(x, source).latent, target)
 
 
 def sample_latent(latents: list[torch.Tensor], mean: torch.Tensor | None = None) -> torch.Tensor:
