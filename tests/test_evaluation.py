@@ -156,7 +156,7 @@ def test_predictions_are_written_in_the_source_geometry(evaluated, phantom_dir):
     model = build_model(cfg.model)
     load_model_weights(model, read_checkpoint(run_dir / "ckpt_best.pth"), run_dir / "ckpt_best.pth")
     cpu = torch.device("cpu")
-    translator = Translator(model, cpu, amp_dtype(cpu, cfg.train.amp), cfg.test.batch_size)  # as the script
+    translator = Translator(model, cpu, amp_dtype(cpu, cfg.test.amp), cfg.test.batch_size)  # as the script
     cache = SliceCache(cfg.data.cache_dir, phantom_dir, cfg.data)
     for row in rows:
         path_ids = [int(i) for i in row["steps"].split(">")]
@@ -244,7 +244,7 @@ def test_translator_multi_step_is_decoding_twice(trained_run):
     stack = torch.rand(5, 1, 32, 32) * 2 - 1
     got = Translator(model, torch.device("cpu"), None, batch_size=3).translate(stack, [0, 1, 2])  # chunks 3 + 2
     with torch.no_grad():
-        by_hand = model.decode(model.encode(model.decode(model.encode(stack).latent, 1)).latent, 2)
+        by_hand = model.decode(model.encode(model.decode(model.encode(stack, 0).latent, 1), 1).latent, 2)
     assert got.shape == (5, 1, 32, 32)
     assert torch.allclose(got, by_hand, atol=1e-5)
 
