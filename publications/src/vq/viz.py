@@ -158,6 +158,30 @@ def translation_figure(panels: list[tuple[int, int, np.ndarray, np.ndarray, np.n
     return _rgb(fig)
 
 
+def settings_figure(truth: dict[int, np.ndarray], rows: dict[str, dict[tuple[int, int], np.ndarray]],
+                    title: str = "") -> np.ndarray:
+    """One subject's translations under several settings: a column per (source, target), the real target
+    on top, then a row per setting (its label on the left). 2D images in [-1, 1] -> (H, W, 3) uint8."""
+    pairs = list(next(iter(rows.values())))
+    fig, axes = plt.subplots(1 + len(rows), len(pairs), figsize=(1.9 * len(pairs), 1.9 * (1 + len(rows))),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    for c, (src, tgt) in enumerate(pairs):
+        axes[0, c].imshow(truth[tgt].T[::-1], cmap="gray", vmin=-1, vmax=1)
+        axes[0, c].set_title(f"{DISPLAY_NAMES[SEQUENCES[src]]} -> {DISPLAY_NAMES[SEQUENCES[tgt]]}", fontsize=8)
+        for r, images in enumerate(rows.values(), 1):
+            axes[r, c].imshow(images[src, tgt].T[::-1], cmap="gray", vmin=-1, vmax=1)
+    axes[0, 0].set_ylabel("real target", fontsize=8)
+    for r, label in enumerate(rows, 1):
+        axes[r, 0].set_ylabel(label, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _rgb(fig)
+
+
 def save_png(image: np.ndarray, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     plt.imsave(path, image)

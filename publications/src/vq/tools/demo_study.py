@@ -1,7 +1,7 @@
 """A training study: settings x seeds, each trained and evaluated the same way, then a table of mean and spread.
 
     python publications/src/vq/tools/demo_study.py publications/config/vq/studies/demo_levers.yaml \
-        [-o outputs/study/demo_levers] [--only SETTING ...] [--jobs 2]
+        [-o outputs/study/demo_levers] [--only SETTING ...] [--seeds N ...] [--jobs 2]
 
 The study file names a base config, the seeds, the overrides every run shares (`common`), each
 setting's own overrides (`settings`), the evaluation's overrides (`evaluate`), how many runs train at
@@ -9,8 +9,10 @@ once (`jobs`) and the torch threads of each (`threads`). Every run is the projec
 script and its evaluation (`test_brats_vq_2d_metrics.py` on ckpt_best.pth, the held-apart test
 subjects), in OUT/SETTING/seed<N>; a run whose evaluation is there is not run again, so an
 interrupted study continues where it stopped. Writes OUT/study.csv (a row per run), OUT/study.md
-(a row per setting: mean and sample standard deviation over the seeds) and OUT/study.png (validation
-brain PSNR against minutes, a line per run).
+(a row per setting: mean and sample standard deviation over the seeds), OUT/study.png (validation
+brain PSNR against minutes, a line per run) and OUT/study_translations.png (the centre slice of one
+test subject, `--subject`, translated by each setting's first seed: T1 and T2 to the three others,
+under the real targets).
 """
 from __future__ import annotations
 
@@ -27,12 +29,19 @@ from pathlib import Path
 
 import yaml
 
+import numpy as np
+
 from vq.checkpoint import read_checkpoint
 from vq.cli import run_main
-from vq.config import ConfigError, REPO_ROOT, load_config
+from vq.config import ConfigError, REPO_ROOT, load_config, resolve_path
+from vq.dataloader.brats import SliceCache
+from vq.dataloader.datasets import load_eval_stack
+from vq.dataloader.lists import read_list
 from vq.files import write_atomic, write_csv
+from vq.inference import load_translator
 from vq.report import compare_with_copy, goal_row, read_summary, training_minutes, validation_curve
-from vq.viz import plot_study
+from vq.sequences import N_SEQ
+from vq.viz import plot_study, save_png, settings_figure
 
 log = logging.getLogger("demo_study")
 SCRIPTS = REPO_ROOT / "publications" / "src" / "vq"
@@ -91,8 +100,10 @@ def parse_args(argv=None):
     p.add_argument("study", type=Path, help="study YAML (settings, seeds, common overrides)")
     p.add_argument("-o", "--out", type=Path, help="study folder (default outputs/study/<study file name>)")
     p.add_argument("--only", nargs="+", metavar="SETTING", help="run only these settings (the table keeps all done)")
+    p.add_argument("--seeds", nargs="+", type=int, help="these seeds instead of the study file's (train and table)")
     p.add_argument("--jobs", type=int, help="runs at once (default: the study file's)")
     p.add_argument("--table-only", action="store_true", help="train nothing: the table of the runs already done")
+    p.add_argument("--subject", help="test subject of study_translations.png (default: the first of the test list)")
     return p.parse_args(argv)
 
 
@@ -102,6 +113,8 @@ def main(argv=None) -> int:
 
 def run(args) -> None:
     study = read_study(args.study)
+    if args.seeds:
+        study.seeds = args.seeds
     out = args.out or REPO_ROOT / "outputs" / "study" / args.study.stem
     unknown = [name for name in args.only or [] if name not in study.settings]
     if unknown:
@@ -122,6 +135,7 @@ def run(args) -> None:
         raise FileNotFoundError(f"no evaluated run in {out}")
     md = write_table(rows, out, study)
     plot_study(curves, out / "study.png")
+    save_png(translations_figure(study, out, args.subject), out / "study_translations.png")
     print(md)
 
 
@@ -169,6 +183,31 @@ def collect(study: Study, out: Path) -> tuple[list[dict], dict[str, list]]:
                          **goal_row(compare_with_copy(read_summary(summary)))})
             curves[f"{setting}/seed{seed}"] = validation_curve(run_dir / "log.csv")
     return rows, curves
+
+
+FIGURE_PAIRS = [(0, 1), (0, 2), (0, 3), (2, 0), (2, 1), (2, 3)]
+"""study_translations.png's columns (source, target): T1 and T2, whose tissue orders are each other's reverse."""
+
+
+def translations_figure(study: Study, out: Path, subject: str | None) -> np.ndarray:
+    """The centre slice of one test subject translated by the first evaluated seed of each setting
+    (`vq.viz.settings_figure`); each row on its setting's own data (a 2 mm setting on the 2 mm phantom)."""
+    rows, truth = {}, None
+    for setting in study.settings:
+        run_dir = next((out / setting / f"seed{seed}" for seed in study.seeds
+                        if (out / setting / f"seed{seed}" / "results" / "summary.csv").is_file()), None)
+        if run_dir is None:
+            continue
+        cfg = load_config(run_dir / "config.yaml")
+        translator = load_translator(cfg, run_dir / "ckpt_best.pth", device="cpu")
+        name = subject or read_list(cfg.lists_dir / "test.csv")[0][0]
+        cache = SliceCache(resolve_path(cfg.data.cache_dir), resolve_path(cfg.data.root), cfg.data)
+        cache.ensure([name])
+        slices = {s: load_eval_stack(cache, name, s, 1) for s in range(N_SEQ)}  # (1, 1, crop, crop) centre slice
+        truth = truth or {s: image[0, 0].numpy() for s, image in slices.items()}
+        rows[setting] = {(s, t): translator.translate(slices[s], [s, t])[0, 0].cpu().numpy()
+                         for s, t in FIGURE_PAIRS}
+    return settings_figure(truth, rows, f"{name}: centre slice, real target on top, then each setting (first seed)")
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:
