@@ -172,7 +172,8 @@ def test_memory_mode_returns_freed_blocks_to_the_os():
 
 # ----------------------------------------------------------------------------- no host sync, one graph
 TINY = ["model.base_channels=4", "model.n_res=1", "model.n_kernels=2", "model.n_embed=16", "data.crop=32",
-        "train.batch_size=2", "train.pretrain_epochs_contrast=-1", "train.pretrain_epochs_rand=-1", "train.sync_free=true"]
+        "train.batch_size=2", "train.pretrain_epochs_contrast=-1", "train.pretrain_epochs_rand=-1", "train.domain_aug=true",
+        "train.sync_free=true"]
 """The demo config's recipe with every term on from epoch 0 (contrast, sampling, domain augmentation,
 codebook restarts, the degenerate-input skip), on a tiny model."""
 

@@ -112,7 +112,8 @@ def register_rigid(fixed: np.ndarray, fixed_grid: Grid, moving: np.ndarray, movi
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     voxels = np.prod(fixed.shape) / np.array(SHRINK, float) ** 3
-    reg.SetMetricSamplingPercentagePerLevel(np.minimum(1.0, SAMPLES / voxels).tolist(), seed)
+    # SimpleITK reads seed 0 as sitkWallClock (a new seed every call): shift ours so every seed is fixed
+    reg.SetMetricSamplingPercentagePerLevel(np.minimum(1.0, SAMPLES / voxels).tolist(), seed + 1)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=200,
                                                  relaxationFactor=0.6, gradientMagnitudeTolerance=1e-8)
