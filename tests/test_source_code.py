@@ -13,6 +13,7 @@ from conftest import CONFIGS
 from vq.bench import synthetic_batch
 from vq.checkpoint import CheckpointError, load_model_weights
 from vq.config import load_config
+from vq.evaluation import latent_gap
 from vq.inference import Translator, synthesize_all
 from vq.models import build_model
 from vq.training import Phase, Recipe
@@ -165,8 +166,26 @@ def test_a_checkpoint_with_the_other_setting_is_a_one_line_error(trained_with):
     with pytest.raises(CheckpointError, match=f"trained with model.source_code={str(trained_with).lower()}; "
                                               f"load it with --set model.source_code={str(trained_with).lower()}"):
         load_model_weights(other, {"model": trained.state_dict()}, "run/ckpt_best.pth")
+    try:
+        load_model_weights(other, {"model": trained.state_dict()}, "run/ckpt_best.pth")
+    except CheckpointError as error:
+        assert "\n" not in str(error) and "run/ckpt_best.pth" in str(error)
 
 
-def test_the_paper_configs_keep_the_reference_encoder():
+def test_the_paper_configs_keep_the_reference_encoder_and_the_demo_tells_it():
     for path in CONFIGS.glob("*brats_2d*.yaml"):
         assert not load_config(path).model.source_code, path.name
+    assert load_config(CONFIGS / "demo_phantom_cpu.yaml").model.source_code
+
+
+@pytest.mark.parametrize("source_code", [False, True])
+def test_the_latent_gap_encodes_each_sequence_with_its_code(source_code):
+    """One image given as two sequences: the paper's encoder sees one image (gap 0); told the sources, the
+    encoder reads it two ways, so the latents differ (a gap that encoded both with one code would be 0)."""
+    _, model = tiny(f"model.source_code={str(source_code).lower()}")
+    translator = Translator(model, "cpu", None, batch_size=3)
+    stack = torch.full((6, 1, 32, 32), -1.0)
+    stack[:, :, 4:28, 4:28] = torch.rand(6, 1, 24, 24) * 1.8 - 0.9  # a brain inside a background of -1
+    total, count = latent_gap(translator, {"subject": {0: stack, 2: stack.clone()}})
+    assert count == 1
+    assert (total > 0.05) if source_code else (total == 0)
