@@ -51,7 +51,7 @@ def paper_path_values() -> dict:
                                                            batch["tgt_idx"], Phase(True, True, True))
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-    return {"latent": project(latent, 5), "output": project(out, 6), "loss": float(loss),
+    return {"latent": project(latent, 5), "output": project(out, 6), "loss": float(loss.detach()),
             "stats": {k: float(v) for k, v in stats.items()}, "grad_norm": float(grads.norm()),
             "grad": project(grads, 7), "ok": bool(ok), "after": float(torch.rand(()))}
 
