@@ -483,6 +483,7 @@ def test_every_study_setting_is_a_valid_config_that_pins_what_the_demo_changed(p
     study = read_study(path)
     for overrides in study.settings.values():
         load_config(study.config, study.common + overrides)
+    assert any(o.startswith("train.pretrain_epochs_contrast=") for o in study.common)  # on or off, stated
     common = load_config(study.config, study.common)  # what a setting does not change
     assert (common.model.source_code, common.train.lambda_con, common.train.domain_aug, common.train.amp) == \
         (False, 10.0, True, "none")
