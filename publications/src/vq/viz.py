@@ -133,8 +133,9 @@ def sample_grid(truth: dict[int, np.ndarray], translations: dict[int, dict[int, 
     return _rgb(fig)
 
 
-def _rgb(fig) -> np.ndarray:
-    fig.tight_layout()
+def _rgb(fig, top: float = 1.0) -> np.ndarray:
+    """The figure as an image, laid out below `top` (a fraction of its height: room for a suptitle)."""
+    fig.tight_layout(rect=(0, 0, 1, top))
     fig.canvas.draw()
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     plt.close(fig)
@@ -179,7 +180,7 @@ def settings_figure(truth: dict[int, np.ndarray], rows: dict[str, dict[tuple[int
         axes[r, 0].set_ylabel(label, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    return _rgb(fig)
+    return _rgb(fig, top=1 - 0.3 / fig.get_figheight() if title else 1.0)
 
 
 def save_png(image: np.ndarray, path: str | Path) -> None:
